@@ -1,0 +1,266 @@
+"""The attention function every variant uses, and DETR's encoder and decoder.
+
+DETR (Carion et al., "End-to-End Object Detection with Transformers", ECCV 2020,
+arXiv 2005.12872) runs a plain Transformer (Vaswani et al., NeurIPS 2017) over the
+backbone's feature map and a set of learned object queries:
+
+    (1) Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + B) V      per head, d = per-head width
+    (2) encoder layer:  z = LN(x + SelfAttn(q = k = x + pos, v = x));  out = LN(z + FFN(z))
+    (3) decoder layer:  t = LN(t + SelfAttn(q = k = t + query_pos, v = t))
+                        t = LN(t + CrossAttn(q = t + query_pos, k = memory + pos, v = memory))
+                        out = LN(t + FFN(t))
+    (4) FFN(x) = W2 dropout(act(W1 x))
+
+B in (1) is an additive bias: -inf where a key is padding or a query may not look
+(denoising groups), log G for SMCA's Gaussian prior, 0 otherwise. The positional
+encodings are added to queries and keys at every layer, never to the values, and the
+layers are post-norm (LayerNorm after the residual sum), DETR's default.
+
+Every variant computes attention through `attention` below: Conditional DETR changes the
+*inputs* (queries and keys concatenated per head), SMCA adds a bias, DN-DETR passes a
+mask. None of them re-implements the softmax. Underneath is
+torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel when it can.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+# ---- the one attention function ----
+
+_recorders = []   # stacks of lists filled by `record_attention`; empty almost always
+
+
+@contextlib.contextmanager
+def record_attention():
+    """Collect every attention map computed inside the block, for drawing.
+
+    Yields a list that fills with (tag, weights [B, h, Q, N]) in call order; the decoder's
+    cross-attention is tagged "cross", self-attention "self". The weights are computed
+    explicitly (the fused kernel does not return them), so only use this for inspection.
+    """
+    maps = []
+    _recorders.append(maps)
+    try:
+        yield maps
+    finally:
+        _recorders.remove(maps)
+
+
+def _additive_mask(pad_mask, attn_mask, bias, dtype):
+    """Fold padding mask, blocking mask and bias into one float [B|1, h|1, Q|1, N] term."""
+    mask = torch.zeros((), dtype=dtype, device=_device_of(pad_mask, attn_mask, bias))
+    if bias is not None:
+        mask = mask + bias.to(dtype)
+    blocked = None
+    if pad_mask is not None:
+        blocked = rearrange(pad_mask, 'b n -> b 1 1 n')            # True = padded key
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dim() == 3 else attn_mask[None]  # [B|1, Q, N]
+        m = rearrange(m, 'b q n -> b 1 q n')
+        blocked = m if blocked is None else (blocked | m)
+    if blocked is not None:
+        mask = mask.masked_fill(blocked, float('-inf'))
+    return mask
+
+
+def _device_of(*tensors):
+    return next(t.device for t in tensors if t is not None)
+
+
+def attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None, dropout_p=0.0, tag="self"):
+    """Multi-head scaled dot-product attention on already-projected inputs, Eq. (1).
+
+    q: [B, Q, h*dq], k: [B, N, h*dq], v: [B, N, h*dv]. The per-head query/key width dq may
+    differ from the value width dv (Conditional DETR concatenates two 32-d halves, dq = 64,
+    dv = 32); the scale is 1/sqrt(dq).
+    pad_mask: [B, N] bool, True on padded keys. attn_mask: [Q, N] or [B, Q, N] bool, True
+    where a query may NOT look. bias: float, broadcastable to [B, h, Q, N], added to the
+    logits before the softmax. Returns [B, Q, h*dv].
+    """
+    q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=heads) for t in (q, k, v))
+    mask = None
+    if pad_mask is not None or attn_mask is not None or bias is not None:
+        mask = _additive_mask(pad_mask, attn_mask, bias, q.dtype)
+    if _recorders:
+        logits = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        weights = (logits if mask is None else logits + mask).softmax(-1)  # [B, h, Q, N]
+        for maps in _recorders:
+            maps.append((tag, weights.detach()))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return rearrange(out, 'b h q d -> b q (h d)')
+
+
+def cat_heads(a, b, heads):
+    """Concatenate two tensors inside each head: [B, N, h*da], [B, N, h*db] -> [B, N, h*(da+db)].
+
+    With q = cat_heads(c_q, p_q) and k = cat_heads(c_k, p_k), the per-head dot product is
+    q.k = c_q.c_k + p_q.p_k: content and position are compared separately and summed.
+    """
+    a = rearrange(a, 'b n (h d) -> b n h d', h=heads)
+    b = rearrange(b, 'b n (h d) -> b n h d', h=heads)
+    return rearrange(torch.cat([a, b], dim=-1), 'b n h d -> b n (h d)')
+
+
+class MultiheadAttention(nn.Module):
+    """Projections around `attention`: q, k, v each [B, *, C] -> [B, Q, C].
+
+    Separate q/k/v Linear layers (torch's nn.MultiheadAttention packs them into one
+    `in_proj_weight` [3C, C]; checkpoint conversion splits that into these three).
+    """
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden_dim {dim} is not divisible by nheads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.out_proj = nn.Linear(dim, dim)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.zeros_(lin.bias)   # as nn.MultiheadAttention initialises its biases
+
+    def forward(self, query, key, value, pad_mask=None, attn_mask=None, bias=None, tag="self"):
+        attn_out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value), self.heads,
+                             pad_mask=pad_mask, attn_mask=attn_mask, bias=bias, tag=tag,
+                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(attn_out)
+
+
+class MLP(nn.Module):
+    """num_layers Linear layers with ReLU between them (DETR's box head and small MLPs)."""
+
+    def __init__(self, in_dim, hidden_dim, out_dim, num_layers):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def make_activation(name):
+    """'relu' (DETR) or 'prelu' (DAB-/DN-DETR: one learnable slope per layer)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "prelu":
+        return nn.PReLU()
+    raise ValueError(f"unknown activation {name!r}: expected 'relu' or 'prelu'")
+
+
+# ---- layers ----
+
+class FeedForward(nn.Module):
+    """Eq. (4) with its residual and LayerNorm: out = LN(x + dropout(W2 dropout(act(W1 x))))."""
+
+    def __init__(self, dim, dim_feedforward, dropout, activation):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
+        self.activation = make_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        ffn_out = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.norm(x + self.dropout(ffn_out))
+
+
+class EncoderLayer(nn.Module):
+    """Eq. (2): self-attention over the image tokens, then the FFN; post-norm."""
+
+    def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu"):
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, heads, dropout)
+        self.norm1, self.dropout = nn.LayerNorm(dim), nn.Dropout(dropout)
+        self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
+
+    def forward(self, src, pos, pad_mask=None):
+        """src, pos: [B, N, C]; pad_mask: [B, N] True on padding. Returns [B, N, C]."""
+        q = k = src + pos                                     # position in q and k, not v
+        attn_out = self.self_attn(q, k, src, pad_mask=pad_mask)
+        src = self.norm1(src + self.dropout(attn_out))
+        return self.ffn(src)
+
+
+class DecoderLayer(nn.Module):
+    """Eq. (3): self-attention among queries, cross-attention to the memory, FFN; post-norm.
+
+    `cross_bias` ([B, h, Q, N]) is the seam SMCA uses to add log G to the cross-attention
+    logits; `self_attn_mask` ([Q, Q], True = blocked) is the one DN-DETR uses to keep
+    denoising groups apart.
+    """
+
+    def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu"):
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, heads, dropout)
+        self.cross_attn = MultiheadAttention(dim, heads, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
+
+    def forward(self, tgt, memory, *, memory_pos, query_pos, pad_mask=None, self_attn_mask=None,
+                cross_bias=None):
+        """tgt, query_pos: [B, Q, C]; memory, memory_pos: [B, N, C]. Returns [B, Q, C]."""
+        q = k = tgt + query_pos
+        attn_out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
+        tgt = self.norm1(tgt + self.dropout(attn_out))
+        attn_out = self.cross_attn(tgt + query_pos, memory + memory_pos, memory,
+                                   pad_mask=pad_mask, bias=cross_bias, tag="cross")
+        tgt = self.norm2(tgt + self.dropout(attn_out))
+        return self.ffn(tgt)
+
+
+# ---- stacks ----
+
+class Encoder(nn.Module):
+    """A stack of encoder layers.
+
+    `pos_scale` (DAB-DETR): an MLP of the current tokens that rescales the positional
+    encoding per channel before every layer, pos_l = pos * MLP(x_l). None for DETR.
+    """
+
+    def __init__(self, layers, pos_scale=None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.pos_scale = pos_scale
+
+    def forward(self, src, pos, pad_mask, spatial_shapes=None):
+        """src, pos: [B, N, C]; pad_mask: [B, N]. Returns memory [B, N, C]."""
+        for layer in self.layers:
+            layer_pos = pos if self.pos_scale is None else pos * self.pos_scale(src)
+            src = layer(src, layer_pos, pad_mask)
+        return src
+
+
+class Decoder(nn.Module):
+    """DETR's decoder stack: the same learned query_pos at every layer, no reference points.
+
+    Returns every layer's output through one shared final LayerNorm (DETR normalises the
+    intermediate outputs too, so the shared heads see the same statistics at every depth):
+    hs [L, B, Q, C], and box_ref None (the box head predicts absolute boxes).
+    """
+
+    def __init__(self, layers, dim):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
+                self_attn_mask=None, spatial_shapes=None):
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
+                        pad_mask=pad_mask, self_attn_mask=self_attn_mask)
+            hs.append(self.norm(tgt))
+        return torch.stack(hs), None
+
+
+def xavier_init(module):
+    """DETR's transformer init: xavier_uniform on every weight matrix (dim > 1)."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
