@@ -1,0 +1,361 @@
+"""SMCA: DETR's decoder co-attention modulated by a Gaussian around a predicted box centre.
+
+Each object query predicts where its object is (a centre) and how large it is (a scale);
+a Gaussian-like weight map G around that centre is added, as log G, to the query's
+cross-attention ("co-attention") logits, so from the first epoch a query attends near its
+own estimate instead of over the whole image. That prior is what makes training converge
+several times faster. Optionally, the encoder runs over three feature scales and each query
+chooses, with softmax weights, how much to read from each scale.
+
+Gao, Zheng, Wang, Dai, Li, "Fast Convergence of DETR with Spatially Modulated
+Co-Attention", ICCV 2021, arXiv 2101.07448 (Sec. 3.2 single scale, Sec. 3.3 multi-scale).
+Equations as implemented (numbered here, in the paper's order; O_q = the query's embedding):
+
+    (1) DETR co-attention     C = softmax(K^T Q / sqrt(d)) V
+    (2) centre                (cw_n, ch_n) = sigmoid(MLP(O_q));  cw = cw_n * W,  ch = ch_n * H
+                              (W, H: the unpadded feature map's width and height, in cells)
+    (3) scale                 (sw, sh) = FC(O_q)
+    (4) weight map            G(i, j) = exp(-(i - cw)^2 / (beta sw^2) - (j - ch)^2 / (beta sh^2))
+                              i = column 0..W-1, j = row 0..H-1, beta = 8 (--smooth)
+    (5) SMCA co-attention     C = softmax(K^T Q / sqrt(d) + log G) V
+    (6) multi-head            head m: centre (cw + dx_m, ch + dy_m), its own scale, its own G_m
+    (7) scale selection       (a_16, a_32, a_64) = softmax(FC(O_q))
+    (8) multi-scale           C_m = sum_s a_s softmax(K_ms^T Q_m / sqrt(d) + log G_ms) V_ms
+    encoder (Sec. 3.3): intra-scale self-attention (tokens attend within their own scale)
+    around one multi-scale self-attention block (all scales' tokens together).
+
+Differs from vanilla DETR in:
+  - the decoder's cross-attention logits get + log G (through DecoderLayer's cross_bias);
+  - each decoder layer has norm4 (O_q = norm4(tgt + query_pos)) and heads point2 (per-head
+    offsets) and point3 (per-head scales); layer 0 also has point1 (the centre, Eq. 2),
+    which later layers reuse;
+  - the box head predicts (cx, cy) as offsets, in logit space, from that centre (box_ref);
+  - classification is sigmoid focal over the classes (set by the config, not here);
+  - optionally (smca_multiscale): strides 16/32/64, the intra/multi-scale encoder and Eq. 7-8.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, MultiheadAttention,
+                                  xavier_init)
+
+SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # point3 outputs per head and scale level
+
+
+# ---- the Gaussian prior ----
+
+def gaussian_log_weight(centers, scales, spatial_shape, beta):
+    """log G of Eq. (4) for every query, head and feature-map cell.
+
+    centers: [B, Q, h, 2] (x, y) in grid cells (column, row); scales: [B, Q, h, 2] (s_x, s_y);
+    spatial_shape: (y, x) rows and columns of the map; beta: the smoothing constant.
+    Returns [B, h, Q, N], N = y*x tokens in row-major order (as 'b c y x -> b (y x) c').
+
+    The reference code learns the inverse width, so that is what `scales` are:
+        log G(i, j) = -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) / beta
+    which is the paper's Eq. (4) with s_w = 1 / s_x, s_h = 1 / s_y. Keeping the code's form
+    lets the released checkpoints convert unchanged (their point3 predicts s, squared here).
+    """
+    y, x = spatial_shape
+    cols = torch.arange(x, dtype=centers.dtype, device=centers.device)   # i, the x coordinate
+    rows = torch.arange(y, dtype=centers.dtype, device=centers.device)   # j, the y coordinate
+    (cx, cy), (sx, sy) = centers.unbind(-1), scales.unbind(-1)           # each [B, Q, h]
+    dist_x = (cols - cx[..., None]) ** 2 * (sx * sx)[..., None]          # [B, Q, h, x]
+    dist_y = (rows - cy[..., None]) ** 2 * (sy * sy)[..., None]          # [B, Q, h, y]
+    log_g = -(dist_x[..., None, :] + dist_y[..., :, None]) / beta        # [B, Q, h, y, x]
+    return rearrange(log_g, 'b q h y x -> b h q (y x)')
+
+
+def unpadded_grid_sizes(pad_mask, spatial_shapes, batch_size, device):
+    """Each image's unpadded feature-map size per level, counted on the padding mask.
+
+    pad_mask: [B, N] True on padding (levels' tokens concatenated) or None (no padding).
+    Returns [B, S, 2] float (width, height) in cells: columns / rows with a real cell.
+
+    The reference takes (w, h) from targets[i]['size'] and uses w/32, h/32 as floats, so
+    it needs targets even at inference; the mask lets the model run on images alone. The
+    mask is the image mask downsampled nearest, so column j is real iff j * W_pad / x < w,
+    and the count is ceil(w / 32) when the padded width is a multiple of 32 (stride 32 here;
+    the same holds per level with its stride). It equals the reference's w / 32, hence gives
+    identical outputs, whenever the image's own w and h are multiples of 32 (e.g. COCO's
+    800-pixel shorter side), in any padded batch; otherwise it is larger by less than one
+    cell (two if the padded width is not a multiple of 32), which moves a centre
+    c = sigmoid(.) in [0, 1] by c * (count - w/32) < 1 cell. We keep the plain count: it is
+    the only size the mask holds, and it is exact in that usual multiple-of-32 case.
+    """
+    sizes = []
+    if pad_mask is None:
+        for y, x in spatial_shapes:
+            sizes.append(torch.tensor([x, y], device=device).expand(batch_size, 2))
+        return torch.stack(sizes, dim=1).float()
+    level_masks = pad_mask.split([y * x for y, x in spatial_shapes], dim=1)
+    for (y, x), level_mask in zip(spatial_shapes, level_masks):
+        real = rearrange(~level_mask, 'b (y x) -> b y x', y=y, x=x)
+        width = real.any(dim=1).sum(-1)                 # [B] columns holding a real cell
+        height = real.any(dim=2).sum(-1)                # [B] rows holding a real cell
+        sizes.append(torch.stack([width, height], dim=-1))
+    return torch.stack(sizes, dim=1).float()           # [B, S, 2] (width, height)
+
+
+# ---- multi-scale input and encoder (Sec. 3.3) ----
+
+class MultiScaleProjection(nn.Module):
+    """C4, C5 -> three maps of width `dim` at strides 16, 32 and 64 (Sec. 3.3).
+
+    in_channels: (C4 channels, C5 channels), e.g. (1024, 2048) for ResNet-50. The stride-64
+    map is a 3x3 stride-2 conv on the raw C5 features, as in the released code (which also
+    uses a stride-8 level; the paper's three scales are 16, 32, 64, and so are ours).
+    """
+
+    def __init__(self, in_channels, dim):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in in_channels)
+        self.extra = nn.Conv2d(in_channels[-1], dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, levels):
+        """levels: [(C4 [B, C4, y, x], mask), (C5, mask)] -> three (src [B, dim, y, x], mask)."""
+        out = [(proj(feat), mask) for proj, (feat, mask) in zip(self.proj, levels)]
+        c5, c5_mask = levels[-1]
+        src = self.extra(c5)                                                   # stride 64
+        mask = F.interpolate(c5_mask[None].float(), size=src.shape[-2:]).bool()[0]   # nearest
+        return out + [(src, mask)]
+
+
+def encoder_pattern(num_layers):
+    """The paper's order of encoder blocks, e.g. 5 -> (intra, intra, multi, intra, intra).
+
+    One multi-scale block in the middle (index num_layers // 2), intra-scale elsewhere.
+    """
+    return tuple("multi" if i == num_layers // 2 else "intra" for i in range(num_layers))
+
+
+class SMCAMultiScaleEncoder(nn.Module):
+    """Intra-scale and multi-scale self-attention blocks over three scales (Sec. 3.3).
+
+    Every block is DETR's EncoderLayer. An "intra" block runs it on each scale's tokens
+    separately (attention stays within a scale; one set of weights for all scales), a
+    "multi" block on all tokens at once. A learned level embedding [S, C] is added to each
+    scale's positional encoding so the multi-scale block can tell the scales apart.
+
+    Not the released code: its multi-scale encoder mixes scales with depthwise convolutions
+    and no self-attention; we follow the paper's description.
+    """
+
+    def __init__(self, dim, heads, dim_feedforward, dropout, pattern, num_levels=3, activation="relu"):
+        super().__init__()
+        if set(pattern) - {"intra", "multi"}:
+            raise ValueError(f"pattern entries must be 'intra' or 'multi', got {pattern}")
+        self.pattern = tuple(pattern)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, dim_feedforward, dropout, activation)
+                                    for _ in pattern)
+        self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
+        nn.init.normal_(self.level_embed)     # as the reference (after its xavier pass)
+
+    def forward(self, src, pos, pad_mask, spatial_shapes):
+        """src, pos: [B, N, C]; pad_mask: [B, N] True on padding; spatial_shapes: S (y, x).
+
+        Returns memory [B, N, C], the scales' tokens in the order given.
+        """
+        if len(spatial_shapes) != len(self.level_embed):
+            raise ValueError(f"expected {len(self.level_embed)} levels, got {len(spatial_shapes)}")
+        sizes = [int(y) * int(x) for y, x in spatial_shapes]
+        if pad_mask is None:
+            pad_mask = torch.zeros(src.shape[:2], dtype=torch.bool, device=src.device)
+        level_pos = torch.cat([e.expand(n, -1) for e, n in zip(self.level_embed, sizes)])  # [N, C]
+        pos = pos + level_pos
+        for layer, kind in zip(self.layers, self.pattern):
+            if kind == "multi":
+                src = layer(src, pos, pad_mask)
+            else:   # the same layer on each scale alone: no token sees another scale
+                per_level = zip(src.split(sizes, 1), pos.split(sizes, 1), pad_mask.split(sizes, 1))
+                src = torch.cat([layer(s, p, m) for s, p, m in per_level], dim=1)
+        return src
+
+
+# ---- the decoder ----
+
+class MultiScalePrior(NamedTuple):
+    """What the multi-scale cross-attention needs instead of one bias tensor."""
+    log_g: list         # per scale [B, h, Q, N_s], Eq. (4) on that scale's grid
+    alpha: torch.Tensor  # [B, Q, S] scale-selection weights, Eq. (7), sum to 1 over S
+    sizes: list         # N_s tokens per scale
+
+
+class ScaleSelectionCrossAttention(MultiheadAttention):
+    """Eq. (8): one softmax per scale, each with its own log G, mixed by the query's alpha.
+
+    Same parameters (q/k/v/out_proj) as MultiheadAttention. The out projection is affine,
+    and the alphas sum to one, so sum_s a_s out_proj(x_s) = out_proj(sum_s a_s x_s): running
+    the plain attention once per scale and mixing afterwards is exactly Eq. (8).
+    Against the released code: (a) it multiplied every image's attention by batch element
+    0's alphas (harmless only at one image per GPU); here each image uses its own. (b) Its
+    decoder keys carry the level embedding; under a per-scale softmax that adds q . W_k e_s,
+    a constant over each scale's keys, so the keys here (plain memory_pos) give the same.
+    """
+
+    def forward(self, query, key, value, pad_mask=None, attn_mask=None, bias=None, tag="cross"):
+        prior = bias
+        if pad_mask is None:
+            pad_mask = torch.zeros(key.shape[:2], dtype=torch.bool, device=key.device)
+        per_scale = zip(key.split(prior.sizes, 1), value.split(prior.sizes, 1),
+                        pad_mask.split(prior.sizes, 1), prior.log_g)
+        attn_out = 0
+        for s, (k, v, pad, log_g) in enumerate(per_scale):
+            out = super().forward(query, k, v, pad_mask=pad, attn_mask=attn_mask, bias=log_g, tag=tag)
+            attn_out = attn_out + prior.alpha[..., s, None] * out       # [B, Q, C]
+        return attn_out
+
+
+class SMCADecoderLayer(DecoderLayer):
+    """DETR's decoder layer (unchanged, statement for statement) + the Gaussian prior.
+
+    predicts_centre: True for layer 0 (has point1, the centre MLP of Eq. 2); later layers
+    reuse layer 0's centre, as the reference. scale: 'fixed' (scale 1, no point3), 'shared'
+    (one scale per head, point3 = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
+    the reference's README setting `--dynamic_scale type3`). beta: Eq. (4)'s constant.
+    num_levels > 1: per-scale offsets and scales, point4 (Eq. 7) and Eq. (8).
+    Parameter names are the reference's (norm4, point1..4), so checkpoints convert.
+    """
+
+    def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu", *,
+                 predicts_centre, scale="xy", beta=8.0, num_levels=1):
+        super().__init__(dim, heads, dim_feedforward, dropout, activation)
+        if scale not in SCALE_WIDTH:
+            raise ValueError(f"unknown smca_scale {scale!r}: expected one of {list(SCALE_WIDTH)}")
+        self.heads, self.scale, self.beta, self.num_levels = heads, scale, beta, num_levels
+        self.predicts_centre = predicts_centre
+        self.norm4 = nn.LayerNorm(dim)                       # O_q = norm4(tgt + query_pos)
+        if predicts_centre:
+            self.point1 = MLP(dim, dim, 2, 3)                # Eq. (2): (cx, cy) logits
+        self.point2 = nn.Linear(dim, num_levels * heads * 2)    # Eq. (6): (dx, dy) per head, cells
+        if SCALE_WIDTH[scale]:
+            self.point3 = nn.Linear(dim, num_levels * heads * SCALE_WIDTH[scale])   # Eq. (3)
+            self.reset_scale_head()
+        if num_levels > 1:
+            self.point4 = nn.Linear(dim, num_levels)         # Eq. (7): scale-selection logits
+            self.cross_attn = ScaleSelectionCrossAttention(dim, heads, dropout)
+
+    def reset_scale_head(self):
+        """point3 starts at weight 0, bias 1: every scale 1, as the reference initialises it."""
+        if hasattr(self, "point3"):
+            nn.init.zeros_(self.point3.weight)
+            nn.init.ones_(self.point3.bias)
+
+    def log_gaussian(self, o, centre_logits, grid_sizes, spatial_shapes):
+        """Eq. (2)-(4), (6) on every scale: a list of log G [B, h, Q, N_s].
+
+        o: [B, Q, C]; centre_logits: [B, Q, 2] (cx, cy) before the sigmoid;
+        grid_sizes: [B, S, 2] unpadded (width, height) per scale in cells.
+        """
+        levels, heads = self.num_levels, self.heads
+        centre = centre_logits.sigmoid()                                  # [B, Q, 2] in [0, 1]
+        offsets = rearrange(self.point2(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+        if self.scale == "fixed":
+            scales = torch.ones_like(offsets)
+        elif self.scale == "shared":      # one s per head, used for both axes
+            scales = repeat(self.point3(o), 'b q (s h) -> s b q h xy', s=levels, xy=2)
+        else:                             # 'xy': (s_x, s_y) per head
+            scales = rearrange(self.point3(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+        log_g = []
+        for s, shape in enumerate(spatial_shapes):
+            size = grid_sizes[:, s, None, None, :].to(o.dtype)           # [B, 1, 1, 2] (W, H)
+            centres = centre[:, :, None, :] * size + offsets[s]           # [B, Q, h, 2] in cells
+            log_g.append(gaussian_log_weight(centres, scales[s], shape, self.beta))
+        return log_g
+
+    def forward(self, tgt, memory, *, memory_pos, query_pos, pad_mask=None, self_attn_mask=None,
+                centre_logits=None, grid_sizes, spatial_shapes):
+        """tgt, query_pos: [B, Q, C]; memory, memory_pos: [B, N, C]; centre_logits: [B, Q, 2]
+        from layer 0 (None in layer 0 itself). Returns (tgt [B, Q, C], centre_logits)."""
+        o = self.norm4(tgt + query_pos)          # from the layer's input, before self-attention
+        if self.predicts_centre:
+            centre_logits = self.point1(o)                                # [B, Q, 2], Eq. (2)
+        log_g = self.log_gaussian(o, centre_logits, grid_sizes, spatial_shapes)
+        if self.num_levels == 1:
+            cross_bias = log_g[0]                                         # Eq. (5)
+        else:
+            alpha = self.point4(o).softmax(-1)                            # [B, Q, S], Eq. (7)
+            cross_bias = MultiScalePrior(log_g, alpha, [y * x for y, x in spatial_shapes])
+        tgt = super().forward(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
+                              pad_mask=pad_mask, self_attn_mask=self_attn_mask, cross_bias=cross_bias)
+        return tgt, centre_logits
+
+
+class SMCADecoder(Decoder):
+    """The decoder stack: layer 0's centre is passed on to every later layer.
+
+    Returns hs [L, B, Q, C] (each through the shared final LayerNorm) and box_ref
+    [L, B, Q, 2]: layer 0's centre logits (before the sigmoid), which the model adds to
+    the box head's (cx, cy) logits at every layer, as the reference does.
+    """
+
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
+                self_attn_mask=None, spatial_shapes=None):
+        if spatial_shapes is None:
+            raise ValueError("SMCA needs spatial_shapes to lay its Gaussians on the feature grid")
+        if ref_points is not None:
+            raise ValueError("SMCA predicts its centres itself; ref_points must be None")
+        shapes = [(int(y), int(x)) for y, x in spatial_shapes]
+        grid_sizes = unpadded_grid_sizes(pad_mask, shapes, tgt.shape[0], tgt.device)  # [B, S, 2]
+        hs, centre_logits = [], None
+        for layer in self.layers:
+            tgt, centre_logits = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
+                                       pad_mask=pad_mask, self_attn_mask=self_attn_mask,
+                                       centre_logits=centre_logits, grid_sizes=grid_sizes,
+                                       spatial_shapes=shapes)
+            hs.append(self.norm(tgt))
+        box_ref = repeat(centre_logits, 'b q xy -> l b q xy', l=len(self.layers))
+        return torch.stack(hs), box_ref
+
+
+# ---- queries and build ----
+
+class SMCAQueries(nn.Module):
+    """DETR's learned queries: content starts at zero, query_pos = query_embed (Q, C)."""
+
+    def __init__(self, num_queries, dim):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, dim)
+
+    def forward(self, batch_size):
+        """Returns tgt [B, Q, C] zeros, query_pos [B, Q, C], ref_points None."""
+        query_pos = repeat(self.query_embed.weight, 'q c -> b q c', b=batch_size)
+        return torch.zeros_like(query_pos), query_pos, None
+
+    def from_boxes(self, boxes):
+        raise NotImplementedError(
+            "denoising needs queries built from reference boxes, but SMCA's queries carry no "
+            "box: its centres are predicted inside the decoder (layer 0's point1)")
+
+
+def build_parts(cfg, bbox_embed):
+    """The SMCA pieces of the model from the config (the only place here that reads it).
+
+    bbox_embed is unused (SMCA's box reference comes from the decoder). Returns
+    dict(queries, decoder) and, with cfg.smca_multiscale, also encoder, input_proj and
+    return_layers (the backbone stages C4, C5).
+    """
+    dim, heads = cfg.hidden_dim, cfg.nheads
+    levels = 3 if cfg.smca_multiscale else 1               # strides 16, 32, 64
+    layers = [SMCADecoderLayer(dim, heads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
+                               predicts_centre=(i == 0), scale=cfg.smca_scale, beta=cfg.smooth,
+                               num_levels=levels)
+              for i in range(cfg.dec_layers)]
+    decoder = SMCADecoder(layers, dim)
+    xavier_init(decoder)                  # DETR's init first (the reference's _reset_parameters)
+    for layer in decoder.layers:
+        layer.reset_scale_head()          # then scale 1 at the start
+    parts = dict(queries=SMCAQueries(cfg.num_queries, dim), decoder=decoder)
+    if cfg.smca_multiscale:
+        encoder = SMCAMultiScaleEncoder(dim, heads, cfg.dim_feedforward, cfg.dropout,
+                                        encoder_pattern(cfg.enc_layers), levels, cfg.activation)
+        xavier_init(encoder)
+        nn.init.normal_(encoder.level_embed)
+        expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1   # Bottleneck vs Basic
+        parts.update(encoder=encoder, return_layers=("layer3", "layer4"),
+                     input_proj=MultiScaleProjection((256 * expansion, 512 * expansion), dim))
+    return parts
