@@ -39,7 +39,8 @@ def record_attention():
     """Collect every attention map computed inside the block, for drawing.
 
     Yields a list that fills with (tag, weights [B, h, Q, N]) in call order; the decoder's
-    cross-attention is tagged "cross", self-attention "self". The weights are computed
+    cross-attention is tagged "cross", self-attention "self", and an additive bias, when one
+    is given, follows its map as (tag + "_bias", bias [B, h, Q, N]). The weights are computed
     explicitly (the fused kernel does not return them), so only use this for inspection.
     """
     maps = []
@@ -90,6 +91,8 @@ def attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None, dropout_
         weights = (logits if mask is None else logits + mask).softmax(-1)  # [B, h, Q, N]
         for maps in _recorders:
             maps.append((tag, weights.detach()))
+            if bias is not None:   # SMCA's log G, to draw the Gaussian prior itself
+                maps.append((f"{tag}_bias", bias.detach().expand_as(weights)))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return rearrange(out, 'b h q d -> b q (h d)')
 

@@ -1,0 +1,115 @@
+"""Evaluate a checkpoint with the official COCO metric, draw predictions, plot logs.
+
+    python eval.py --resume out/dn/checkpoint.pth                      # built-in shapes val split
+    python eval.py --resume ckpt.pth --coco_path /data/coco            # COCO val2017
+    python eval.py --resume ckpt.pth --val_json a.json --val_images imgs/
+    python eval.py --resume ckpt.pth --image photo.png --out pred.png [--threshold 0.5]
+    python eval.py --resume ckpt.pth --image photo.png --attention --out attn.png [--prior]
+    python eval.py --plot-logs out/*/log.txt --out curves.png
+
+The checkpoint carries its Config, so the model is rebuilt as it was trained; data flags
+given here replace the checkpoint's.
+"""
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from minidetr import Config, build
+from minidetr.checkpoint import load_safely
+from minidetr.evaluation import STAT_NAMES, evaluate
+from minidetr.engine import build_datasets, make_loader
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("minidetr evaluation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--resume", help="checkpoint to evaluate (minidetr's)")
+    p.add_argument("--variant", help="variant of the checkpoint (only needed for official files)")
+    for name in ("coco_path", "val_json", "val_images", "device", "amp"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--image", help="draw the predictions on this image")
+    p.add_argument("--attention", action="store_true", help="with --image: draw decoder cross-attention")
+    p.add_argument("--prior", action="store_true", help="with --attention: draw SMCA's Gaussian prior")
+    p.add_argument("--top", type=int, default=3, help="with --attention: how many detections")
+    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for drawing")
+    p.add_argument("--out", help="output PNG (drawing and plotting)")
+    p.add_argument("--plot-logs", nargs="+", dest="plot_logs", help="log.txt files to plot")
+    return p
+
+
+def load_model(path, overrides, device):
+    """Rebuild the model from a checkpoint's config and load its weights."""
+    ckpt = load_safely(path)
+    if "config" not in ckpt:
+        sys.exit(f"error: {path} has no minidetr config; official DETR-family checkpoints need "
+                 f"converting first: python -m minidetr.convert --variant V --src {path} --dst ours.pth")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    settings = {k: v for k, v in ckpt["config"].items() if k in fields}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = Config(**settings).validate()
+    model, criterion, postprocess = build(cfg)
+    model.load_state_dict(ckpt["model"])
+    return cfg, model.to(device).eval(), criterion, postprocess
+
+
+def category_names_of(cfg):
+    if cfg.coco_path or cfg.val_json:
+        return None
+    from minidetr.data import SHAPE_NAMES
+    return {i + 1: n for i, n in enumerate(SHAPE_NAMES)}
+
+
+def draw(args, cfg, model, postprocess, device):
+    from minidetr import draw as drawing
+    image, tensor, mask = drawing.load_image(args.image, cfg.image_size)
+    tensor, mask = tensor.to(device), mask.to(device)
+    orig = torch.tensor([[image.height, image.width]], device=device)
+    names = category_names_of(cfg)
+    if not args.attention:
+        with torch.no_grad():
+            result = postprocess(model(tensor, mask), orig)[0]
+        drawing.draw_predictions(image, result, names, args.threshold).save(args.out)
+        return
+    outputs, maps = drawing.attention_maps(model, tensor, mask, "prior" if args.prior else "attention")
+    result = postprocess(outputs, orig)[0]
+    top = min(args.top, len(result["scores"]))
+    drawing.draw_attention(image, maps[0], result, list(zip(range(top), result["query_ids"][:top].tolist())),
+                           names).save(args.out)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.plot_logs:
+        from minidetr.draw import plot_logs
+        print("wrote", plot_logs(args.plot_logs, args.out or "curves.png"))
+        return None
+    if not args.resume:
+        sys.exit("error: --resume CHECKPOINT is required (or --plot-logs)")
+    device = torch.device(args.device or "cpu")
+    overrides = {k: getattr(args, k) for k in ("coco_path", "val_json", "val_images", "amp", "batch_size")}
+    cfg, model, criterion, postprocess = load_model(args.resume, overrides, device)
+    if args.image:
+        if not args.out:
+            sys.exit("error: --image needs --out PNG")
+        draw(args, cfg, model, postprocess, device)
+        print("wrote", args.out)
+        return None
+    cfg.num_workers = args.num_workers
+    cfg.eval = True
+    _, val_set = build_datasets(cfg, True)
+    result = evaluate(model, criterion, postprocess, make_loader(val_set, cfg, 0, train=False),
+                      val_set.coco, device, cfg.amp)
+    print("COCO bbox evaluation")
+    for name, value in zip(STAT_NAMES, result["stats"]):
+        print(f"  {name:6s} {value:.3f}")
+    print("per-class AP")
+    for cat_id, ap in result["per_class"].items():
+        print(f"  {cat_id:4d} {val_set.category_names.get(cat_id, ''):20s} {ap:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

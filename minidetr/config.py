@@ -1,0 +1,212 @@
+"""Config: every setting of every variant, defined once.
+
+Field names are the official DETR command-line flags (`hidden_dim`, `nheads`, `dec_layers`,
+`set_cost_class`, `lr_backbone`, ...) plus the few the variants add, so a reader who knows
+any of the reference codebases knows these names. train.py builds its argparse from the
+fields, so a flag's default and help text live here and nowhere else.
+
+Two presets:
+  paper  the numbers each paper trains COCO with (ResNet-50, 256-d, 6+6 layers, ...);
+  tiny   a ResNet-18 model at ~128 px that learns the built-in shapes dataset on two CPU
+         cores in minutes. It trains from random weights (no ImageNet weights can be
+         downloaded at run time), so DETR's choices for a pretrained backbone do not apply:
+         trainable BatchNorm, nothing frozen, backbone learning rate equal to the rest.
+`Config.for_variant(variant, preset)` fills the paper's defaults for a variant, then the
+preset's sizes; keyword overrides come last.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+VARIANTS = ("detr", "conditional", "smca", "dn")
+PRESETS = ("paper", "tiny")
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # ---- what to build ----
+    variant: str = _f("detr", "detr | conditional | smca | dn")
+    preset: str = _f("paper", "paper (the papers' COCO settings) | tiny (CPU, built-in dataset)")
+    dn: bool = _f(False, "query denoising in training (DN-DETR); any variant with reference points")
+    num_classes: int = _f(91, "largest category id + 1 (COCO: 91, ids used raw as DETR does)")
+    # ---- backbone ----
+    backbone: str = _f("resnet50", "resnet18 | resnet34 | resnet50 | resnet101")
+    dilation: bool = _f(False, "DC5: replace the stride of the last stage by a dilation")
+    position_embedding: str = _f("sine", "image positional encoding (only 'sine' is implemented)")
+    pe_temperature: int = _f(10000, "temperature of the sine encoding (DAB/DN-DETR: 20)")
+    frozen_bn: bool = _f(True, "FrozenBatchNorm2d in the backbone (for pretrained weights)")
+    freeze_stem: bool = _f(True, "freeze conv1 and layer1 as DETR does with ImageNet weights")
+    backbone_weights: Optional[str] = _f(None, "torchvision ImageNet ResNet .pth to start from")
+    # ---- transformer ----
+    enc_layers: int = _f(6, "encoder layers")
+    dec_layers: int = _f(6, "decoder layers")
+    dim_feedforward: int = _f(2048, "FFN hidden width")
+    hidden_dim: int = _f(256, "transformer width D")
+    dropout: float = _f(0.1, "dropout in the transformer")
+    nheads: int = _f(8, "attention heads")
+    num_queries: int = _f(100, "object queries")
+    activation: str = _f("relu", "FFN activation: relu (DETR) | prelu (DAB/DN-DETR)")
+    aux_loss: bool = _f(True, "losses on every decoder layer (--no_aux_loss turns it off)")
+    # ---- matcher and losses ----
+    set_cost_class: float = _f(1.0, "class coefficient in the matching cost")
+    set_cost_bbox: float = _f(5.0, "L1 box coefficient in the matching cost")
+    set_cost_giou: float = _f(2.0, "GIoU coefficient in the matching cost")
+    cls_loss_coef: float = _f(1.0, "classification loss weight")
+    bbox_loss_coef: float = _f(5.0, "L1 box loss weight")
+    giou_loss_coef: float = _f(2.0, "GIoU loss weight")
+    eos_coef: float = _f(0.1, "weight of the no-object class (softmax classification)")
+    focal_alpha: Optional[float] = _f(None, "sigmoid focal classification with this alpha; "
+                                            "None = softmax with a no-object class")
+    num_select: int = _f(100, "detections kept per image by post-processing")
+    # ---- SMCA ----
+    smooth: float = _f(8.0, "SMCA beta: the Gaussian's width factor")
+    smca_scale: str = _f("xy", "SMCA scale: fixed | shared (one per head) | xy (per head and axis)")
+    smca_multiscale: bool = _f(False, "SMCA multi-scale encoder and scale selection")
+    # ---- denoising ----
+    scalar: int = _f(5, "denoising groups (DN-DETR's --scalar)")
+    label_noise_scale: float = _f(0.2, "probability of flipping a denoising label")
+    box_noise_scale: float = _f(0.4, "lambda: centre shift <= lambda*wh/2, size scale in 1 +- lambda")
+    # ---- optimisation ----
+    lr: float = _f(1e-4, "learning rate of the transformer and heads")
+    lr_backbone: float = _f(1e-5, "learning rate of the backbone (<= 0 freezes it)")
+    batch_size: int = _f(2, "images per process")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    epochs: int = _f(300, "training epochs")
+    lr_drop: int = _f(200, "epoch at which the learning rates drop 10x")
+    clip_max_norm: float = _f(0.1, "gradient clipping max norm (0 = off)")
+    amp: str = _f("none", "autocast: none | bf16 | fp16 (fp16 uses a GradScaler)")
+    # ---- data ----
+    coco_path: Optional[str] = _f(None, "COCO 2017 root (train2017/, val2017/, annotations/)")
+    train_json: Optional[str] = _f(None, "custom dataset: training annotations (COCO json)")
+    train_images: Optional[str] = _f(None, "custom dataset: training image folder")
+    val_json: Optional[str] = _f(None, "custom dataset: validation annotations (COCO json)")
+    val_images: Optional[str] = _f(None, "custom dataset: validation image folder")
+    image_size: int = _f(800, "shorter image side for evaluation (training jitters around it)")
+    shapes_train: int = _f(2000, "built-in dataset: training images")
+    shapes_val: int = _f(200, "built-in dataset: validation images")
+    # ---- run ----
+    output_dir: str = _f("", "where log.txt and checkpoints go ('' = nowhere)")
+    device: str = _f("cpu", "cpu | cuda | cuda:N")
+    seed: int = _f(42, "random seed")
+    resume: str = _f("", "checkpoint to resume from (ours, or an official one with --variant)")
+    start_epoch: int = _f(0, "first epoch (set from the checkpoint when resuming)")
+    eval: bool = _f(False, "only evaluate")
+    num_workers: int = _f(2, "data loading workers")
+    keep_checkpoints: int = _f(1, "keep the checkpoints of the last K epochs")
+    max_steps: int = _f(0, "stop after this many optimiser steps (0 = no limit)")
+    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
+
+    @classmethod
+    def for_variant(cls, variant="detr", preset="paper", **overrides):
+        """The paper's settings for `variant`, resized by `preset`, then `overrides`."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        settings = dict(variant=variant, preset=preset, **PAPER_DEFAULTS[variant])
+        if preset == "tiny":
+            settings.update(TINY)
+            settings.update(TINY_PER_VARIANT.get(variant, {}))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Config field(s): {', '.join(sorted(unknown))}")
+        settings.update(overrides)
+        cfg = cls(**settings)
+        cfg.validate()
+        return cfg
+
+    def validate(self):
+        """Stop early, with what to do, on settings that cannot work together."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads}")
+        if self.dn and self.variant in ("detr", "smca"):
+            raise ValueError(f"--dn needs queries that carry a reference box or point "
+                             f"(conditional or dn); {self.variant!r} has none")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"--amp must be none, bf16 or fp16, not {self.amp!r}")
+        if self.smca_scale not in ("fixed", "shared", "xy"):
+            raise ValueError(f"--smca_scale must be fixed, shared or xy, not {self.smca_scale!r}")
+        if self.position_embedding != "sine":
+            raise ValueError("only --position_embedding sine is implemented")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---- per-variant defaults: each paper's training recipe ----
+
+_FOCAL = dict(focal_alpha=0.25, set_cost_class=2.0, num_queries=300, epochs=50, lr_drop=40)
+PAPER_DEFAULTS = {
+    # facebookresearch/detr main.py defaults
+    "detr": dict(),
+    # Atten4Vis/ConditionalDETR: focal loss, 300 queries, top-100, 50 epochs
+    "conditional": dict(_FOCAL, cls_loss_coef=2.0, num_select=100),
+    # gaopengcuhk/SMCA-DETR README command: --num_queries 300 --epochs 50 --lr_drop 40
+    # --dynamic_scale type3 (our smca_scale 'xy'); ce weight 2 and top-k = num_queries
+    "smca": dict(_FOCAL, cls_loss_coef=2.0, num_select=300, smca_scale="xy", smooth=8.0),
+    # FengLi-ust/DN-DETR dn_dab_detr: DAB-DETR's dropout 0, PReLU, PE temperature 20, ce 1
+    "dn": dict(_FOCAL, cls_loss_coef=1.0, num_select=300, dropout=0.0, activation="prelu",
+               pe_temperature=20, dn=True),
+}
+
+# ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----
+TINY = dict(
+    backbone="resnet18", dilation=True, frozen_bn=False, freeze_stem=False,
+    hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=3, dec_layers=3,
+    image_size=128, batch_size=8, lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4,
+    epochs=12, lr_drop=10, clip_max_norm=0.1, num_workers=2, seed=42,
+    num_classes=7, shapes_train=2000, shapes_val=200,
+)
+# the papers' query ratio (100 for DETR, 300 for the others) scaled to a few objects/image
+TINY_PER_VARIANT = {
+    "detr": dict(num_queries=20, num_select=20),
+    "conditional": dict(num_queries=40, num_select=40),
+    "smca": dict(num_queries=40, num_select=40),
+    "dn": dict(num_queries=40, num_select=40),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """One flag per Config field, named as the field (booleans as --flag / --no_flag)."""
+    for f in dataclasses.fields(Config):
+        help_text = f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            if f.name == "aux_loss":
+                parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                                    default=None, help=help_text)
+                continue
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=None,
+                                help=help_text)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                default=None, help=argparse.SUPPRESS)
+        else:
+            kind = {int: int, float: float, "int": int, "float": float}.get(f.type, str)
+            if f.type in (Optional[float], "Optional[float]"):
+                kind = _optional_float
+            parser.add_argument(f"--{f.name}", dest=f.name, type=kind, default=None,
+                                help=f"{help_text} (default {f.default})")
+    return parser
+
+
+def _optional_float(text):
+    return None if text.lower() in ("none", "") else float(text)
+
+
+def config_from_args(args):
+    """Config.for_variant(args.variant, args.preset) with every flag the user gave on top."""
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k in {f.name for f in dataclasses.fields(Config)}}
+    variant = given.pop("variant", "detr")
+    preset = given.pop("preset", None)
+    if preset is None:  # no dataset given -> the built-in shapes dataset and the tiny preset
+        has_data = given.get("coco_path") or given.get("train_json") or given.get("val_json")
+        preset = "paper" if has_data else "tiny"
+    return Config.for_variant(variant, preset, **given)

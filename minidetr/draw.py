@@ -1,0 +1,143 @@
+"""Seeing what a model does: predictions, attention maps, and training curves.
+
+- `draw_predictions`: boxes with class names and scores on the image (PIL only).
+- `attention_maps` + `draw_attention`: the last decoder layer's cross-attention of the top
+  predictions, one panel per head, over the image (PIL only). For Conditional DETR the
+  maps show the bands at the box extremities the paper's Fig. 1 shows; for SMCA, the
+  Gaussian prior log G itself can be drawn (kind="prior") beside the attention it shapes.
+- `plot_logs`: loss and AP against epoch from one or several `log.txt` files (matplotlib,
+  an optional extra: `pip install matplotlib`).
+"""
+import json
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageDraw
+
+from minidetr.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToTensor
+from minidetr.transformer import record_attention
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+
+
+# ---- input ----
+
+def load_image(path, image_size):
+    """PIL image file -> (RGB PIL image, tensor [1, 3, H, W] normalised, mask [1, H, W])."""
+    image = Image.open(path).convert("RGB")
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "area": torch.zeros(0), "iscrowd": torch.zeros(0, dtype=torch.int64)}
+    resized, _ = RandomResize([image_size], max_size=int(image_size * 1333 / 800))(image, dict(target))
+    tensor, _ = Normalize()(*ToTensor()(resized, dict(target)))
+    return image, tensor[None], torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool)
+
+
+# ---- predictions ----
+
+def draw_predictions(image, result, category_names=None, threshold=0.5):
+    """Draw result (scores, labels, boxes xyxy in pixels of `image`) above `threshold`."""
+    image = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(image)
+    keep = result["scores"] >= threshold
+    for score, label, box in zip(result["scores"][keep].tolist(), result["labels"][keep].tolist(),
+                                 result["boxes"][keep].tolist()):
+        colour = PALETTE[label % len(PALETTE)]
+        name = (category_names or {}).get(label, str(label))
+        draw.rectangle(box, outline=colour, width=max(1, round(min(image.size) / 200)))
+        text = f"{name} {score:.2f}"
+        x, y = box[0], max(0, box[1] - 11)
+        draw.rectangle([x, y, x + 6 * len(text) + 2, y + 10], fill=colour)
+        draw.text((x + 1, y - 1), text, fill=(255, 255, 255))
+    return image
+
+
+# ---- attention ----
+
+@torch.no_grad()
+def attention_maps(model, images, mask, kind="attention"):
+    """The last decoder layer's cross-attention: (outputs, maps [B, h, Q, y, x]) of level 0.
+
+    kind="attention": softmax weights; kind="prior": SMCA's Gaussian weight map G = exp(log G)
+    (only for models whose cross-attention has an additive bias).
+    """
+    model.eval()
+    with record_attention() as recorded:
+        outputs = model(images, mask)
+    tag = "cross" if kind == "attention" else "cross_bias"
+    found = [w for t, w in recorded if t == tag]
+    if not found:
+        raise ValueError(f"this model records no {tag!r} maps"
+                         + (": only SMCA adds a Gaussian prior" if kind == "prior" else ""))
+    weights = found[-1].float()
+    if kind == "prior":
+        weights = weights.exp()
+    y, x = model.encode(images, mask)[3][0]            # the first level's grid
+    return outputs, rearrange(weights[..., :y * x], 'b h q (y x) -> b h q y x', y=y, x=x)
+
+
+def _heatmap(values):
+    """[y, x] -> RGB uint8 [y, x, 3], black -> red -> yellow -> white (no matplotlib)."""
+    v = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+    r, g, b = np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def draw_attention(image, maps, result, query_ids, category_names=None, valid_hw=None):
+    """One row per query: the image with its box, then one heat map per head over the image.
+
+    image: PIL (original size); maps: [h, Q, y, x] for this image; result: its post-processed
+    dict; query_ids: the query index of each drawn detection; valid_hw: the unpadded part
+    of the feature grid (y, x) to crop before resizing.
+    """
+    heads = maps.shape[0]
+    w, h = image.size
+    scale = 160 / max(w, h)
+    tile = (max(1, round(w * scale)), max(1, round(h * scale)))
+    canvas = Image.new("RGB", (tile[0] * (heads + 1), tile[1] * max(1, len(query_ids))), "white")
+    for row, (det, q) in enumerate(query_ids):
+        single = {k: v[det:det + 1] for k, v in result.items()}
+        canvas.paste(draw_predictions(image, single, category_names, threshold=0).resize(tile), (0, row * tile[1]))
+        for head in range(heads):
+            m = maps[head, q]
+            if valid_hw is not None:
+                m = m[:valid_hw[0], :valid_hw[1]]
+            heat = Image.fromarray(_heatmap(m.cpu().numpy())).resize(image.size, Image.BILINEAR)
+            panel = Image.blend(image.convert("RGB"), heat, 0.6).resize(tile)
+            canvas.paste(panel, ((head + 1) * tile[0], row * tile[1]))
+    return canvas
+
+
+# ---- training curves ----
+
+def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
+    """Plot train/test loss and COCO AP against epoch for one or several log.txt files."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib "
+                         "(or pip install 'minidetr[plot]')") from None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for path in log_files:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows:
+            continue
+        epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
+        for ax, key in zip(np.atleast_1d(axes), keys):
+            if key == "loss":
+                ax.plot(epochs, [r.get("train_loss") for r in rows], label=f"{path} train")
+                ax.plot(epochs, [r.get("test_loss") for r in rows], "--", label=f"{path} test")
+            else:
+                i = ("AP", "AP50", "AP75").index(key)
+                ax.plot(epochs, [r["test_coco_eval_bbox"][i] for r in rows], label=str(path))
+            ax.set_title(key)
+            ax.set_xlabel("epoch")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
