@@ -24,7 +24,7 @@ from minidetr.engine import build_datasets, make_loader
 
 def get_args_parser():
     p = argparse.ArgumentParser("minidetr evaluation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--resume", help="checkpoint to evaluate (minidetr's)")
+    p.add_argument("--resume", help="checkpoint to evaluate (minidetr's, or an official one with --variant)")
     p.add_argument("--variant", help="variant of the checkpoint (only needed for official files)")
     for name in ("coco_path", "val_json", "val_images", "device", "amp"):
         p.add_argument(f"--{name}")
@@ -40,18 +40,36 @@ def get_args_parser():
     return p
 
 
-def load_model(path, overrides, device):
-    """Rebuild the model from a checkpoint's config and load its weights."""
+def load_model(path, overrides, device, variant=None):
+    """Rebuild the model from a checkpoint's config and load its weights.
+
+    An official DETR-family checkpoint (no minidetr 'config'; an 'args' entry or official
+    weight names) is converted on load (minidetr/convert.py); `variant` (--variant) says
+    which reference saved it.
+    """
     ckpt = load_safely(path)
-    if "config" not in ckpt:
-        sys.exit(f"error: {path} has no minidetr config; official DETR-family checkpoints need "
-                 f"converting first: python -m minidetr.convert --variant V --src {path} --dst ours.pth")
+    if "config" in ckpt:
+        settings, state_dict = dict(ckpt["config"]), ckpt["model"]
+    else:
+        from minidetr import convert
+        if not convert.is_official_checkpoint(ckpt):
+            sys.exit(f"error: {path} has neither a minidetr 'config' nor an official 'args' entry")
+        if not variant:
+            guess = convert.guess_variant(ckpt.get("model", {}))
+            sys.exit(f"error: {path} is an official checkpoint (no minidetr config): say which model "
+                     f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
+                     + (f" (its weights look like {guess})" if guess else ""))
+        try:
+            cfg, state_dict = convert.convert_file(ckpt, variant)
+        except ValueError as err:
+            sys.exit(f"error: cannot convert {path} as --variant {variant}: {err}")
+        settings = cfg.to_dict()
     fields = {f.name for f in dataclasses.fields(Config)}
-    settings = {k: v for k, v in ckpt["config"].items() if k in fields}
+    settings = {k: v for k, v in settings.items() if k in fields}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(**settings).validate()
     model, criterion, postprocess = build(cfg)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(state_dict)
     return cfg, model.to(device).eval(), criterion, postprocess
 
 
@@ -90,7 +108,7 @@ def main(argv=None):
         sys.exit("error: --resume CHECKPOINT is required (or --plot-logs)")
     device = torch.device(args.device or "cpu")
     overrides = {k: getattr(args, k) for k in ("coco_path", "val_json", "val_images", "amp", "batch_size")}
-    cfg, model, criterion, postprocess = load_model(args.resume, overrides, device)
+    cfg, model, criterion, postprocess = load_model(args.resume, overrides, device, args.variant)
     if args.image:
         if not args.out:
             sys.exit("error: --image needs --out PNG")

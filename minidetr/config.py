@@ -37,6 +37,8 @@ class Config:
     # ---- backbone ----
     backbone: str = _f("resnet50", "resnet18 | resnet34 | resnet50 | resnet101")
     dilation: bool = _f(False, "DC5: replace the stride of the last stage by a dilation")
+    backbone_stage: str = _f("layer4", "last ResNet stage used: layer4 (DETR, stride 32) or "
+                                       "layer3 (stride 16 at a third of DC5's cost)")
     position_embedding: str = _f("sine", "image positional encoding (only 'sine' is implemented)")
     pe_temperature: int = _f(10000, "temperature of the sine encoding (DAB/DN-DETR: 20)")
     frozen_bn: bool = _f(True, "FrozenBatchNorm2d in the backbone (for pretrained weights)")
@@ -120,6 +122,14 @@ class Config:
         cfg.validate()
         return cfg
 
+    @classmethod
+    def from_official_args(cls, args, variant, state_dict=None):
+        """The Config rebuilding a reference model from its argparse settings (an
+        argparse.Namespace or dict, as official checkpoints store under 'args').
+        variant: detr | conditional | smca | dn | dab. See minidetr/convert.py."""
+        from minidetr.convert import config_from_official_args
+        return config_from_official_args(args, variant, state_dict)
+
     def validate(self):
         """Stop early, with what to do, on settings that cannot work together."""
         if self.variant not in VARIANTS:
@@ -133,6 +143,8 @@ class Config:
             raise ValueError(f"--amp must be none, bf16 or fp16, not {self.amp!r}")
         if self.smca_scale not in ("fixed", "shared", "xy"):
             raise ValueError(f"--smca_scale must be fixed, shared or xy, not {self.smca_scale!r}")
+        if self.backbone_stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ValueError(f"--backbone_stage must be layer1..layer4, not {self.backbone_stage!r}")
         if self.position_embedding != "sine":
             raise ValueError("only --position_embedding sine is implemented")
         return self
@@ -159,7 +171,7 @@ PAPER_DEFAULTS = {
 
 # ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----
 TINY = dict(
-    backbone="resnet18", dilation=True, frozen_bn=False, freeze_stem=False,
+    backbone="resnet18", backbone_stage="layer3", dilation=False, frozen_bn=False, freeze_stem=False,
     hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=3, dec_layers=3,
     image_size=128, batch_size=8, lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4,
     epochs=12, lr_drop=10, clip_max_norm=0.1, num_workers=2, seed=42,
