@@ -226,6 +226,11 @@ class Backbone(nn.Module):
         self.body = RESNETS[name](norm_layer=norm_layer, dilation=dilation)
         del self.body.avgpool, self.body.fc   # detection keeps the map; keys = torchvision's minus fc.*
         self.return_layers = tuple(return_layers)
+        # Stages past the deepest requested one are dropped, not just skipped: parameters that
+        # never get a gradient would make DDP wait for them (the tiny preset stops at layer3).
+        last = max(LAYER_NAMES.index(n) for n in self.return_layers)
+        for name in LAYER_NAMES[last + 1:]:
+            delattr(self.body, name)
 
         expansion = self.body.layer1[0].expansion
         channels = {n: 64 * 2 ** i * expansion for i, n in enumerate(LAYER_NAMES)}   # 64..512 (x4)
@@ -255,7 +260,7 @@ class Backbone(nn.Module):
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))   # [B, 64, H/4, W/4]
         feats = {}
         last = max(LAYER_NAMES.index(n) for n in self.return_layers)
-        for name in LAYER_NAMES[: last + 1]:   # stages past the deepest requested are skipped
+        for name in LAYER_NAMES[: last + 1]:
             x = getattr(body, name)(x)
             feats[name] = x
         levels = []
@@ -285,8 +290,9 @@ def load_backbone_weights(backbone: Backbone, path) -> None:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"backbone weights {path} is not a plain state_dict of tensors "
                          f"(top-level keys: {list(state)[:5] if isinstance(state, dict) else type(state)})")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = backbone.body.state_dict()
+    dropped = tuple(f"{n}." for n in LAYER_NAMES if not hasattr(backbone.body, n)) + ("fc.",)
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}   # stages not built
     # num_batches_tracked: FrozenBN drops it, old torchvision files lack it; neither is an error
     counter = lambda k: k.endswith("num_batches_tracked")   # noqa: E731
     missing = [k for k in expected if k not in state and not counter(k)]

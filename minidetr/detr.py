@@ -218,7 +218,7 @@ def build(cfg="detr", preset="paper", **overrides):
     parts = _variant_parts(cfg, bbox_embed)
     backbone = Backbone(cfg.backbone, frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem,
                         train_backbone=cfg.lr_backbone > 0, dilation=cfg.dilation,
-                        return_layers=parts.get("return_layers", ("layer4",)))
+                        return_layers=parts.get("return_layers", (cfg.backbone_stage,)))
     if cfg.backbone_weights:
         load_backbone_weights(backbone, cfg.backbone_weights)
     input_proj = parts.get("input_proj") or LevelProjection(backbone.num_channels, cfg.hidden_dim)
