@@ -187,7 +187,7 @@ class ConditionalDecoder(nn.Module):
         self.query_scale = MLP(dim, dim, dim, 2)              # lambda_q = FFN(f), (C3)
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points,
-                self_attn_mask=None, spatial_shapes=None):
+                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
         point_embed = position_sine_embed(ref_points, self.dim)        # (C2) p_s [B, Q, C]
         hs = []
         for i, layer in enumerate(self.layers):
@@ -261,7 +261,7 @@ class AnchorDecoder(nn.Module):
         return torch.cat([y_part, x_part], dim=-1)
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos=None, ref_points,
-                self_attn_mask=None, spatial_shapes=None):
+                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
         """ref_points: [B, Q, 4] anchors cxcywh in (0, 1); query_pos is ignored (derived, D1)."""
         anchors = ref_points           # fed to the layer: detached after layer 0 (D4)
         box_anchors = ref_points       # for box_ref: keeps the gradient, as DAB-DETR returns it

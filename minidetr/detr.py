@@ -63,6 +63,12 @@ class LearnedQueries(nn.Module):
                                   "(variant conditional or dn); DETR's learned queries have none")
 
 
+def unpadded_sizes(mask):
+    """mask [B, H, W] True on padding -> [B, 2] (w, h) of each image in pixels."""
+    real = ~mask
+    return torch.stack([real.any(1).sum(-1), real.any(2).sum(-1)], -1)
+
+
 # ---- the model ----
 
 class DETR(nn.Module):
@@ -115,7 +121,8 @@ class DETR(nn.Module):
                 self_attn_mask = dn.attn_mask(num_queries)
         hs, box_ref = self.decoder(tgt, memory, memory_pos=pos, pad_mask=pad_mask,
                                    query_pos=query_pos, ref_points=ref_points,
-                                   self_attn_mask=self_attn_mask, spatial_shapes=shapes)
+                                   self_attn_mask=self_attn_mask, spatial_shapes=shapes,
+                                   image_sizes=unpadded_sizes(mask))
         logits, boxes = self.heads(hs, box_ref)                            # [L, B, Q', *]
         if dn is None:
             return self._pack(logits, boxes)

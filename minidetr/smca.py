@@ -293,14 +293,28 @@ class SMCADecoder(Decoder):
     the box head's (cx, cy) logits at every layer, as the reference does.
     """
 
+    def __init__(self, layers, dim, strides=None):
+        super().__init__(layers, dim)
+        self.strides = strides     # pixels per cell of each level, to place centres (see forward)
+
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
-                self_attn_mask=None, spatial_shapes=None):
+                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
+        """image_sizes: [B, 2] (w, h) of each unpadded image in pixels, or None.
+
+        With image sizes (the model passes them, read off the pixel mask), the grid size is
+        w / stride, h / stride as floats, exactly the reference's targets['size'] / 32; the
+        feature-level mask only knows whole cells (ceil(w / 32)), the fallback.
+        """
         if spatial_shapes is None:
             raise ValueError("SMCA needs spatial_shapes to lay its Gaussians on the feature grid")
         if ref_points is not None:
             raise ValueError("SMCA predicts its centres itself; ref_points must be None")
         shapes = [(int(y), int(x)) for y, x in spatial_shapes]
-        grid_sizes = unpadded_grid_sizes(pad_mask, shapes, tgt.shape[0], tgt.device)  # [B, S, 2]
+        if image_sizes is not None and self.strides is not None:
+            strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
+            grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]        # [B, S, 2]
+        else:
+            grid_sizes = unpadded_grid_sizes(pad_mask, shapes, tgt.shape[0], tgt.device)  # [B, S, 2]
         hs, centre_logits = [], None
         for layer in self.layers:
             tgt, centre_logits = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
@@ -345,7 +359,12 @@ def build_parts(cfg, bbox_embed):
                                predicts_centre=(i == 0), scale=cfg.smca_scale, beta=cfg.smooth,
                                num_levels=levels)
               for i in range(cfg.dec_layers)]
-    decoder = SMCADecoder(layers, dim)
+    # Pixels per cell of each level. The reference divides by 32 even for DC5 (stride 16);
+    # we use the real stride of the map the Gaussian is laid on.
+    last = {"layer3": 16, "layer4": 16 if getattr(cfg, "dilation", False) else 32}
+    strides = ([16, last["layer4"], 2 * last["layer4"]] if cfg.smca_multiscale
+               else [last[getattr(cfg, "backbone_stage", "layer4")]])
+    decoder = SMCADecoder(layers, dim, strides)
     xavier_init(decoder)                  # DETR's init first (the reference's _reset_parameters)
     for layer in decoder.layers:
         layer.reset_scale_head()          # then scale 1 at the start

@@ -253,7 +253,7 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
-                self_attn_mask=None, spatial_shapes=None):
+                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
         hs = []
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
