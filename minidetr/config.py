@@ -172,9 +172,9 @@ PAPER_DEFAULTS = {
 # ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----
 TINY = dict(
     backbone="resnet18", backbone_stage="layer3", dilation=False, frozen_bn=False, freeze_stem=False,
-    hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=3, dec_layers=3,
-    image_size=128, batch_size=8, lr=2e-4, lr_backbone=2e-4, weight_decay=1e-4,
-    epochs=12, lr_drop=10, clip_max_norm=0.1, num_workers=2, seed=42,
+    hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=3, dec_layers=3, dropout=0.0,
+    image_size=128, batch_size=8, lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4,
+    epochs=5, lr_drop=4, clip_max_norm=0.1, num_workers=2, seed=42,
     num_classes=7, shapes_train=2000, shapes_val=200,
 )
 # the papers' query ratio (100 for DETR, 300 for the others) scaled to a few objects/image

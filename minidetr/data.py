@@ -406,7 +406,7 @@ def collate_fn(batch):
 # of an earlier one, so every drawn object is labelled and none is mostly hidden.
 
 SHAPE_NAMES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'ring')
-SHAPES_VERSION = 1  # bump when the drawing code changes, so caches regenerate
+SHAPES_VERSION = 2  # bump when the drawing code or the defaults change, so caches regenerate
 
 
 def default_shapes_root():
@@ -562,8 +562,8 @@ def _generate_into(folder, params):
 
 
 def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image_size=128,
-                        num_classes=6, min_objects=1, max_objects=6, empty_frac=0.02,
-                        min_size=8, max_size_frac=0.6, aspect_jitter=0.3, clutter=1.0,
+                        num_classes=6, min_objects=1, max_objects=4, empty_frac=0.02,
+                        min_size=16, max_size_frac=0.6, aspect_jitter=0.3, clutter=0.5,
                         min_visible=0.3, min_contrast=60.0):
     """Write the synthetic shapes dataset (COCO json + PNG) under root, once.
 

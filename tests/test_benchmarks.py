@@ -1,0 +1,129 @@
+"""benchmarks/: the pure helpers of convergence.py and speed.py, against hand-worked numbers.
+
+Smoke-level on purpose: the scripts themselves run train.py and time models (minutes);
+here only the bookkeeping that turns logs into the reported numbers is checked.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import convergence  # noqa: E402
+import speed  # noqa: E402
+
+
+def test_update_section_replaces_only_its_block(tmp_path):
+    """A section is replaced between its markers; text around it and other sections stay."""
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# title\n\nintro\n\n<!-- a:start -->\nold a\n<!-- a:end -->\n\n"
+                    "<!-- b:start -->\nkeep b\n<!-- b:end -->\ntail\n")
+    convergence.update_section(path, "a", "new a")
+    assert path.read_text() == ("# title\n\nintro\n\n<!-- a:start -->\nnew a\n<!-- a:end -->\n\n"
+                                "<!-- b:start -->\nkeep b\n<!-- b:end -->\ntail\n")
+    convergence.update_section(path, "c", "c body")          # absent: appended once
+    convergence.update_section(path, "c", "c body 2")
+    text = path.read_text()
+    assert text.count("<!-- c:start -->") == 1 and text.endswith("<!-- c:start -->\nc body 2\n<!-- c:end -->\n")
+
+
+def test_interpolation_from_the_origin():
+    """value_at interpolates (0, 0), (10, .1), (20, .3), (40, .2) linearly."""
+    steps, ap = [10, 20, 40], [0.1, 0.3, 0.2]
+    assert convergence.value_at(steps, ap, 5) == pytest.approx(0.05)
+    assert convergence.value_at(steps, ap, 20) == pytest.approx(0.3)
+    assert convergence.value_at(steps, ap, 30) == pytest.approx(0.25)
+    assert convergence.value_at(steps, ap, 50) == pytest.approx(0.2)
+
+
+def test_steps_to_reach_first_crossing():
+    """The first crossing: 0.2 is reached at 10 + 10 * (0.2 - 0.1) / (0.3 - 0.1) = 15."""
+    steps, ap = [10, 20, 40], [0.1, 0.3, 0.2]
+    assert convergence.steps_to_reach(steps, ap, 0.2) == pytest.approx(15)
+    assert convergence.steps_to_reach(steps, ap, 0.05) == pytest.approx(5)
+    assert convergence.steps_to_reach(steps, ap, 0.3) == pytest.approx(20)
+    assert convergence.steps_to_reach(steps, ap, 0.31) is None
+
+
+def test_reach_cells_against_the_baseline():
+    """conditional reaches detr's final AP 0.2 at step 15 of 40: fraction 0.375, 2.7x fewer."""
+    detr = {0: [(10, 0.1, 0, 0), (20, 0.15, 0, 0), (40, 0.2, 0, 0)]}
+    cond = {0: [(10, 0.1, 0, 0), (20, 0.3, 0, 0), (40, 0.35, 0, 0)]}
+    slow = {0: [(10, 0.0, 0, 0), (20, 0.1, 0, 0), (40, 0.15, 0, 0)]}
+    found = {"detr": detr, "conditional": cond, "smca": slow}
+    assert convergence.reach_cells(found, "conditional", 40) == ["15", "0.38 (2.7x fewer)", "0.38"]
+    assert convergence.reach_cells(found, "detr", 40) == ["40", "1.00 (1.0x fewer)", "1.00"]
+    assert convergence.reach_cells(found, "smca", 40)[:2] == ["not reached", "not reached"]
+
+
+def test_schedule_budget_and_compression():
+    """Default budget = epochs * ceil(shapes_train / batch_size); a shorter one compresses lr_drop too."""
+    from minidetr.config import Config
+    cfg = Config.for_variant("detr", "tiny", shapes_train=24)
+    per_epoch = -(-24 // cfg.batch_size)
+    full = convergence.schedule(shapes_train=24)
+    assert (full["steps"], full["steps_per_epoch"], full["flags"]) == (cfg.epochs * per_epoch, per_epoch, [])
+    short = convergence.schedule(2 * per_epoch + 1, shapes_train=24)
+    lr_drop = max(1, round(cfg.lr_drop * 3 / cfg.epochs))
+    assert short["flags"] == ["--epochs", "3", "--lr_drop", str(lr_drop)]
+
+
+def test_run_state_from_log_checkpoint_and_settings(tmp_path):
+    """complete when the log reaches the budget, resume with a checkpoint, other settings refused."""
+    row = {"test_coco_eval_bbox": [0.1, 0.2, 0.05] + [0] * 9, "step": 5, "epoch": 0}
+    (tmp_path / "log.txt").write_text(json.dumps(row) + "\n" + json.dumps({**row, "step": 10}) + "\n")
+    assert convergence.read_curve(tmp_path / "log.txt") == [(5, 0.1, 0.2, 0.05), (10, 0.1, 0.2, 0.05)]
+    assert convergence.run_state(tmp_path, 10) == "complete"
+    assert convergence.run_state(tmp_path, 12) == "fresh"
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    assert convergence.run_state(tmp_path, 12) == "resume"
+    saved = {"train_argv": ["--seed", "0"], "config": {"seed": 0, "lr": 1e-4}}
+    (tmp_path / "benchmark.json").write_text(json.dumps(saved))
+    assert convergence.run_state(tmp_path, 10, saved) == "complete"
+    retuned = {"train_argv": ["--seed", "0"], "config": {"seed": 0, "lr": 2e-4}}
+    assert convergence.run_state(tmp_path, 10, retuned) == "other settings"
+    assert convergence.settings_diff(tmp_path, retuned) == ["lr"]
+    other_seed = {"train_argv": ["--seed", "1"], "config": {"seed": 1, "lr": 1e-4}}
+    assert convergence.settings_diff(tmp_path, other_seed) == ["train.py arguments", "seed"]
+
+
+def test_peak_table_lookup():
+    """Device names map to the data-sheet peaks; an unknown device gives None."""
+    assert speed.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert speed.peak_tflops("NVIDIA H200", "none") == 67.0
+    assert speed.peak_tflops("NVIDIA H100 PCIe", "fp16") == 756.0
+    assert speed.peak_tflops("Tesla T4", "bf16") is None
+    assert speed.achieved(2e12, 1.0, 4.0, 1e12) == "2 (50.0%)"
+    assert speed.achieved(3e9, 1.5, None, 1e9) == "2"
+
+
+def test_timed_matcher_passes_through_and_times():
+    """The wrapper returns the matcher's result unchanged and adds up its wall time."""
+    import torch
+
+    def slow_matcher(outputs, targets):
+        time.sleep(0.02)
+        return "indices"
+    timed = speed.TimedMatcher(slow_matcher, torch.device("cpu"))
+    assert timed({}, []) == "indices" and timed({}, []) == "indices"
+    assert 0.04 <= timed.seconds < 1.0
+
+
+def test_random_batch_boxes_are_valid():
+    """Every random box lies inside the image (cx +- w/2 in [0, 1]) and labels are in range."""
+    images, mask, targets = speed.random_batch(2, 16, 24, num_classes=7, objects=5)
+    assert images.shape == (2, 3, 16, 24) and not mask.any()
+    for t in targets:
+        b = t["boxes"]
+        assert b.shape == (5, 4) and (b[:, :2] - b[:, 2:] / 2 >= 0).all() and (b[:, :2] + b[:, 2:] / 2 <= 1).all()
+        assert ((t["labels"] >= 0) & (t["labels"] < 7)).all()
+
+
+def test_merge_replaces_the_same_measurement():
+    """A new measurement of (machine, preset, variant, amp) replaces the old; others are kept."""
+    def entry(variant, step_ms):
+        return dict(machine="m", preset="tiny", variant=variant, amp="none", step_ms=step_ms)
+    merged = speed.merge([entry("detr", 1.0), entry("dn", 2.0)], [entry("detr", 3.0)])
+    assert [(r["variant"], r["step_ms"]) for r in merged] == [("detr", 3.0), ("dn", 2.0)]
