@@ -1,0 +1,63 @@
+"""draw: predictions and attention maps render to valid PNGs of the expected size on a tiny
+model; SMCA's prior maps are exp(log G); plotting reads DETR-style log.txt files."""
+import json
+
+import torch
+from PIL import Image
+
+import minidetr
+from minidetr import draw
+
+SMALL = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2,
+             num_queries=6, num_select=6)
+
+
+def test_draw_predictions_keeps_the_image_size_and_paints_the_box(tmp_path):
+    image = Image.new("RGB", (80, 60), "black")
+    result = {"scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 2]),
+              "boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0], [0.0, 0.0, 5.0, 5.0]])}
+    out = draw.draw_predictions(image, result, {1: "circle"}, threshold=0.5)
+    out.save(tmp_path / "p.png")
+    png = Image.open(tmp_path / "p.png")
+    assert png.size == (80, 60)
+    assert png.getpixel((10, 30)) != (0, 0, 0)        # left edge of the kept box is drawn
+    assert png.getpixel((2, 55)) == (0, 0, 0)          # far from any kept box: untouched
+
+
+def test_attention_maps_are_distributions_over_the_grid():
+    torch.manual_seed(0)
+    model, _, _ = minidetr.build("conditional", preset="tiny", **SMALL)
+    images, mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    outputs, maps = draw.attention_maps(model, images, mask)
+    assert maps.shape == (1, 4, 6, 4, 6)               # [B, heads, Q, y, x], stride 16
+    assert torch.allclose(maps.sum((-1, -2)), torch.ones(1, 4, 6), atol=1e-5)
+
+
+def test_smca_prior_is_a_gaussian_peaking_at_one():
+    """kind='prior' gives G = exp(log G) in (0, 1], the paper's weight map."""
+    torch.manual_seed(0)
+    model, _, _ = minidetr.build("smca", preset="tiny", **SMALL)
+    images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    _, prior = draw.attention_maps(model, images, mask, kind="prior")
+    assert prior.shape == (1, 4, 6, 4, 4)
+    assert (prior > 0).all() and (prior <= 1 + 1e-6).all()
+
+
+def test_draw_attention_png_size(tmp_path):
+    image = Image.new("RGB", (64, 32), "gray")
+    maps = torch.rand(3, 5, 2, 4)                        # heads, queries, y, x
+    result = {"scores": torch.tensor([0.8, 0.6]), "labels": torch.tensor([1, 1]),
+              "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]]),
+              "query_ids": torch.tensor([4, 2])}
+    draw.draw_attention(image, maps, result, [(0, 4), (1, 2)]).save(tmp_path / "a.png")
+    png = Image.open(tmp_path / "a.png")
+    png.verify()
+    assert png.size == (160 * 4, 80 * 2)                 # (image + 3 heads) x 2 rows, 160x80 tiles
+
+
+def test_plot_logs_writes_a_png(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join(json.dumps({"epoch": e, "train_loss": 10 - e, "test_loss": 11 - e,
+                                         "test_coco_eval_bbox": [0.1 * e] * 12}) for e in range(3)))
+    draw.plot_logs([log], tmp_path / "c.png")
+    Image.open(tmp_path / "c.png").verify()
