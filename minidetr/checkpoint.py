@@ -10,6 +10,7 @@ store their settings as an `argparse.Namespace`; that one class is allowed, noth
 import argparse
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -28,6 +29,7 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)     # mkstemp makes it owner-only; torch.save would not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,10 +48,13 @@ def load_safely(path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle errors come in many classes; the message says which
         if "weights_only" in str(err) or "Unsupported global" in str(err):
+            needed = re.search(r"GLOBAL (\S+)", str(err))   # what the file would have run
             raise ValueError(
-                f"refusing to load {path!r}: it needs pickled code beyond tensors, plain "
+                f"refusing to load {path!r}: it needs pickled code "
+                f"({needed.group(1) if needed else 'see torch.load'}) beyond tensors, plain "
                 f"containers and argparse.Namespace, and minidetr only loads checkpoints with "
-                f"weights_only=True (details: {str(err).splitlines()[0]})") from None
+                f"weights_only=True; if you trust the file, re-save just its tensors, e.g. "
+                f"torch.save({{'model': model.state_dict()}}, path)") from None
         raise ValueError(f"cannot read checkpoint {path!r}: {err}") from None
 
 

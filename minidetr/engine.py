@@ -6,15 +6,16 @@ same loop. Two properties matter beyond getting the numbers right:
 - Determinism across interruption. The data order of epoch e is a permutation seeded by
   (seed, e); each sample's augmentation draws from a generator seeded by (seed, e, index);
   the loader's worker seeds come from its own generator. A checkpoint stores the model,
-  optimiser, scheduler, scaler, the global RNG (dropout, denoising noise) and how many
-  batches of the epoch were done, so a resumed run continues with exactly the batches and
-  random numbers an uninterrupted run would have used.
+  optimiser, scheduler, scaler, every rank's global RNG (dropout, denoising noise) and how
+  many batches of the epoch were done, so a resumed run continues with exactly the batches
+  and random numbers an uninterrupted run would have used.
 - Nothing silently wrong. A non-finite loss stops training with the epoch, the step and
   the loss terms that went non-finite, before the optimiser touches the weights.
 """
 import math
 import os
 import signal
+import time
 from collections import defaultdict
 
 import torch
@@ -65,11 +66,13 @@ def build_datasets(cfg, num_classes_given):
                               make_transforms("train", cfg.preset, cfg.image_size))
         val = CocoDetection(paths["val_images"], paths["val_json"],
                             make_transforms("val", cfg.preset, cfg.image_size))
-    needed = val.num_classes_needed
+    # a label >= num_classes would index past the classifier (or be read as "no object")
+    largest = max((d for d in (train, val) if d is not None), key=lambda d: d.num_classes_needed)
+    needed = largest.num_classes_needed
     if cfg.num_classes < needed:
         if num_classes_given:
             raise ValueError(f"--num_classes {cfg.num_classes} is smaller than the largest category "
-                             f"id + 1 = {needed} in {val.ann_file}; pass --num_classes {needed} or more")
+                             f"id + 1 = {needed} in {largest.ann_file}; pass --num_classes {needed} or more")
         cfg.num_classes = needed
     return train, val
 
@@ -128,10 +131,18 @@ def make_loader(dataset, cfg, epoch, train, skip_batches=0):
 # ---- stopping cleanly on SIGINT / SIGTERM ----
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then it saves)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks before each step (then it saves).
+
+    Under torchrun the ranks must stop after the same step, or those still training wait
+    forever in the next all-reduce: should_stop() agrees on the flag across ranks. A
+    terminal's Ctrl-C reaches every worker and torchrun, which forwards it again, so a
+    repeat within REPEAT_S is the same request; a later one means "stop now, no saving".
+    """
+    REPEAT_S = 2.0
 
     def __init__(self):
         self.requested = False
+        self._since = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -143,9 +154,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:       # a second Ctrl-C means now
+        if not self.requested:
+            self.requested, self._since = True, time.monotonic()
+        elif time.monotonic() - self._since > self.REPEAT_S:   # a second Ctrl-C means now
             raise KeyboardInterrupt
-        self.requested = True
+
+    def should_stop(self):
+        """True on every rank once any rank was asked to stop (a collective under torchrun)."""
+        return distributed.all_reduce_mean(float(self.requested)) > 0
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -175,6 +191,10 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not distributed.is_main_process(),
                initial=start_step, total=start_step + len(loader))
     for images, mask, targets in bar:
+        # checked before each step, so a Ctrl-C during the evaluation also stops before the
+        # next step; train.py saves the state left here (and checks again at the epoch's end)
+        if stop is not None and stop.should_stop():
+            return _averages(sums, count, optimizer), step, True
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         targets = move_targets(targets, device)
         with autocast(device, cfg.amp):
@@ -205,8 +225,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
                 sums[k] += v.item() * weight_dict[k]
         bar.set_postfix(loss=f"{sums['loss'] / count:.3f}")
         if on_step is not None and on_step(step) is False:
-            return _averages(sums, count, optimizer), step, True
-        if stop is not None and stop.requested:
             return _averages(sums, count, optimizer), step, True
     return _averages(sums, count, optimizer), step, False
 

@@ -1,0 +1,237 @@
+"""Tests for train.py's command line: each mistake (unknown variant or preset, a COCO folder
+without the official layout, --num_classes below the largest category id, a checkpoint of
+another variant or preset, one that needs pickled code, a missing or corrupt one) stops
+with one line saying what to do, no traceback; under torchrun a failing rank names itself
+and exits instead of hanging.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from minidetr.checkpoint import save_atomic
+from minidetr.config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train  # noqa: E402
+TINY_RUN = ["--hidden_dim", "32", "--nheads", "4", "--dim_feedforward", "64", "--enc_layers", "1",
+            "--dec_layers", "2", "--num_queries", "8", "--num_select", "8", "--batch_size", "4",
+            "--shapes_train", "4", "--shapes_val", "2", "--num_workers", "0", "--image_size", "32"]
+
+
+def error_of(argv):
+    """The message main(argv) exits with (what the user sees on stderr, exit status 1)."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert isinstance(exc.value.code, str), "a message, not a bare exit status"
+    return exc.value.code
+
+
+def test_cli_error_is_one_line_without_traceback():
+    """The real command: exit status 1, the message on stderr, no traceback."""
+    done = subprocess.run([sys.executable, "train.py", "--variant", "detrr"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == \
+        "error: unknown variant 'detrr': choose one of detr, conditional, smca, dn"
+
+
+def test_unknown_preset():
+    assert error_of(["--preset", "small"]) == \
+        "error: unknown preset 'small': choose one of paper, tiny"
+
+
+def test_coco_path_without_the_layout(tmp_path):
+    """An existing folder lacking train2017/: the missing piece and the expected layout."""
+    (tmp_path / "annotations").mkdir()
+    message = error_of(["--coco_path", str(tmp_path)])
+    assert message == (f"error: COCO layout: {tmp_path / 'train2017'} is missing (expected "
+                       f"train2017/, val2017/, annotations/instances_*.json)")
+
+
+def test_shapes_folder_that_is_not_ours(tmp_path, monkeypatch):
+    """$MINIDETR_DATA holding a folder of the user's where the shapes would go: not touched."""
+    monkeypatch.setenv("MINIDETR_DATA", str(tmp_path))
+    (tmp_path / "n4_v2").mkdir()
+    (tmp_path / "n4_v2" / "notes.txt").write_text("mine")
+    assert error_of(TINY_RUN) == (f"error: {tmp_path / 'n4_v2'} exists and is not a minidetr shapes "
+                                  f"dataset (no manifest.json); refusing to overwrite it")
+    assert (tmp_path / "n4_v2" / "notes.txt").read_text() == "mine"
+
+
+def write_custom(folder, category_ids):
+    """Two 40x30 images, one box each; the categories listed are `category_ids`."""
+    (folder / "img").mkdir(parents=True)
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in (1, 2)]
+    for info in images:
+        Image.new("RGB", (40, 30), 128).save(folder / "img" / info["file_name"])
+    anns = [{"id": i, "image_id": i, "category_id": category_ids[-1], "bbox": [2, 2, 10, 8]}
+            for i in (1, 2)]
+    (folder / "ann.json").write_text(json.dumps({
+        "images": images, "annotations": anns,
+        "categories": [{"id": c, "name": f"c{c}"} for c in category_ids]}))
+    return str(folder / "ann.json"), str(folder / "img")
+
+
+@pytest.mark.parametrize("split_with_id_5", ["train", "val"])
+def test_num_classes_below_largest_category_id(tmp_path, split_with_id_5):
+    """Category id 5 in either split needs --num_classes >= 6; the message names the file."""
+    argv = ["--num_classes", "3"]
+    for split in ("train", "val"):
+        json_file, folder = write_custom(tmp_path / split, [1, 2, 5] if split == split_with_id_5 else [1, 2])
+        argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
+    message = error_of(argv)
+    assert message == (f"error: --num_classes 3 is smaller than the largest category id + 1 = 6 "
+                       f"in {tmp_path / split_with_id_5 / 'ann.json'}; pass --num_classes 6 or more")
+
+
+# ---- --resume with a checkpoint that cannot continue this run ----
+
+def fake_checkpoint(path, variant, preset):
+    save_atomic({"model": {}, "config": Config.for_variant(variant, preset).to_dict(),
+                 "epoch": 1, "step": 0}, path)
+    return str(path)
+
+
+def test_resume_checkpoint_of_another_variant(tmp_path):
+    path = fake_checkpoint(tmp_path / "detr.pth", "detr", "tiny")
+    assert error_of(["--variant", "dn", "--resume", path]) == (
+        f"error: {path} was trained with --variant 'detr' but this run has 'dn'; "
+        f"pass the same settings to resume")
+
+
+def test_resume_checkpoint_of_another_preset(tmp_path):
+    """Trained with the paper preset, resumed without a dataset (so the tiny preset)."""
+    path = fake_checkpoint(tmp_path / "paper.pth", "dn", "paper")
+    assert error_of(["--variant", "dn", "--resume", path]) == (
+        f"error: {path} was trained with --preset 'paper' but this run has 'tiny'; "
+        f"pass the same settings to resume")
+
+
+def _touch(path):       # what a malicious checkpoint would run on loading
+    open(path, "w").close()
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _touch, (self.marker,)
+
+
+def test_resume_checkpoint_needing_pickled_code_is_refused_unrun(tmp_path):
+    """weights_only=True refuses the file, names why, and the payload never runs."""
+    marker, path = tmp_path / "ran", tmp_path / "evil.pth"
+    torch.save({"model": {}, "extra": Payload(str(marker))}, path)
+    message = error_of(["--resume", str(path)])
+    assert message.startswith(f"error: refusing to load {str(path)!r}: it needs pickled code")
+    assert "weights_only=True" in message and "_touch" in message
+    assert not marker.exists()
+
+
+def test_resume_missing_or_corrupt_checkpoint(tmp_path):
+    missing = str(tmp_path / "nope.pth")
+    assert error_of(["--resume", missing]) == f"error: checkpoint {missing!r} does not exist"
+    corrupt = tmp_path / "half.pth"
+    save_atomic({"model": {"w": torch.zeros(100)}}, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    assert error_of(["--resume", str(corrupt)]).startswith(f"error: cannot read checkpoint {str(corrupt)!r}")
+
+
+def test_resume_official_checkpoint_says_convert_first(tmp_path):
+    """A reference codebase's file (official weight names): the conversion command."""
+    path = tmp_path / "detr-r50.pth"
+    save_atomic({"model": {"transformer.encoder.layers.0.linear1.weight": torch.zeros(2, 2)}}, path)
+    assert error_of(["--variant", "detr", "--resume", str(path)]) == (
+        f"error: {path} is an official DETR-family checkpoint; convert it first: python -m "
+        f"minidetr.convert --variant detr --src {path} --dst converted.pth, then --resume converted.pth")
+
+
+def test_resume_weights_that_do_not_fit(tmp_path, monkeypatch):
+    """A checkpoint without our config (e.g. another code base) whose weights mismatch."""
+    monkeypatch.setenv("MINIDETR_DATA", str(tmp_path / "data"))
+    path = tmp_path / "other.pth"
+    save_atomic({"model": {"class_embed.weight": torch.zeros(3, 3)}}, path)
+    message = error_of(["--variant", "dn", "--resume", str(path)] + TINY_RUN)
+    assert message.startswith(f"error: the weights in {path} do not fit this model; resume with "
+                              f"the settings it was trained with (Error(s) in loading state_dict")
+    assert "Missing key(s)" in message and message.endswith("...)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda():
+    assert error_of(["--device", "cuda"]) == \
+        "error: --device cuda, but this torch sees no CUDA device; use --device cpu"
+
+
+def test_output_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / "file" / "out")
+    assert error_of(["--output_dir", out]) == f"error: cannot create --output_dir {out}: Not a directory"
+
+
+# ---- torchrun: a failing rank says who it is and exits ----
+
+class Exited(Exception):
+    pass
+
+
+def _exit(code):
+    raise Exited(code)
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (SystemExit("error: --num_classes 3 is too small"), "[rank 1] error: --num_classes 3 is too small\n"),
+    (RuntimeError("boom"), "RuntimeError: boom"),
+])
+def test_failing_rank_prints_rank_and_exits_at_once(monkeypatch, capsys, failure, expected):
+    """Under torchrun (WORLD_SIZE 2): the message with the rank on stderr, then os._exit(1),
+    which skips the teardown that could wait on the other ranks."""
+    def failing_main(argv=None):
+        raise failure
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(train, "main", failing_main)
+    monkeypatch.setattr(os, "_exit", _exit)
+    with pytest.raises(Exited) as exc:
+        train.run_rank([])
+    assert exc.value.args == (1,)
+    err = capsys.readouterr().err
+    assert err.startswith("[rank 1] ") and expected in err
+    assert ("Traceback" in err) == isinstance(failure, RuntimeError)
+
+
+def test_single_process_errors_pass_through(monkeypatch):
+    """Without torchrun, run_rank is main: SystemExit propagates unchanged (exit status 1)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(train, "main", lambda argv=None: sys.exit("error: x"))
+    with pytest.raises(SystemExit, match="error: x"):
+        train.run_rank([])
+
+
+def test_torchrun_rank_failure_brings_the_job_down(tmp_path):
+    """Two gloo ranks; rank 1 fails while rank 0 waits for it in a collective: the job ends
+    within seconds with a non-zero status and rank 1's message, rather than hanging."""
+    import socket
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    def fail(cfg, num_classes_given):\n"
+                      "        raise ValueError('rank 1 cannot read its data')\n"
+                      "    train.build_datasets = fail\n"
+                      "train.run_rank(sys.argv[1:])\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(driver), *TINY_RUN],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MINIDETR_DATA": str(tmp_path / "data")})
+    assert done.returncode != 0
+    assert "[rank 1] error: rank 1 cannot read its data\n" in done.stderr
