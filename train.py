@@ -27,8 +27,8 @@ from minidetr import build, distributed
 from minidetr.checkpoint import load_safely, rng_state, save_atomic, set_rng_state
 from minidetr.config import add_arguments, config_from_args
 from minidetr.convert import is_official_checkpoint
-from minidetr.engine import (NonFiniteLossError, SeededDataset, StopRequest, build_datasets,
-                             build_optimizer, make_loader, train_one_epoch)
+from minidetr.engine import (DataError, NonFiniteLossError, SeededDataset, StopRequest,
+                             build_datasets, build_optimizer, make_loader, train_one_epoch)
 from minidetr.evaluation import evaluate, format_stats
 
 
@@ -261,5 +261,13 @@ def run_rank(argv=None):
     os._exit(1)
 
 
+def main_with_data_errors(argv=None):
+    """run_rank(), with a sample that cannot be loaded reported as one line, not a traceback."""
+    try:
+        return run_rank(argv)
+    except DataError as err:
+        sys.exit(f"error: {DataError.message_of(err)} (fix or remove it from the annotation file)")
+
+
 if __name__ == "__main__":
-    run_rank()
+    main_with_data_errors()

@@ -32,6 +32,21 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class DataError(RuntimeError):
+    """A sample could not be loaded (missing or unreadable image, bad annotation).
+
+    Raised with the dataset's own message (it names the file and the image id). Inside a
+    DataLoader worker, torch re-raises it in the main process with the worker's traceback
+    folded into the message; `message_of` recovers the one line a user needs.
+    """
+
+    @staticmethod
+    def message_of(err):
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        last = lines[-1] if lines else repr(err)
+        return last.split("DataError: ", 1)[-1]
+
+
 # ---- optimiser (DETR: AdamW, two learning rates, step drop) ----
 
 def build_optimizer(model, cfg):
@@ -97,7 +112,10 @@ class SeededDataset(Dataset):
     def __getitem__(self, index):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63))
-            return self.dataset[index]
+            try:
+                return self.dataset[index]
+            except (OSError, ValueError) as err:   # the dataset's messages name file and id
+                raise DataError(str(err)) from err
 
 
 class SkipSampler(Sampler):
@@ -119,8 +137,9 @@ def make_loader(dataset, cfg, epoch, train, skip_batches=0):
                                  rank=distributed.get_rank(), shuffle=train, seed=cfg.seed,
                                  drop_last=False)
     sampler.set_epoch(epoch)
-    if isinstance(dataset, SeededDataset):
-        dataset.epoch = epoch
+    if not isinstance(dataset, SeededDataset):   # evaluation too: same error reporting
+        dataset = SeededDataset(dataset, cfg.seed)
+    dataset.epoch = epoch
     return DataLoader(dataset, batch_size=cfg.batch_size,
                       sampler=SkipSampler(sampler, skip_batches * cfg.batch_size),
                       collate_fn=collate_fn, num_workers=cfg.num_workers,

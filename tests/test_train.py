@@ -235,3 +235,19 @@ def test_torchrun_rank_failure_brings_the_job_down(tmp_path):
                           env={**os.environ, "MINIDETR_DATA": str(tmp_path / "data")})
     assert done.returncode != 0
     assert "[rank 1] error: rank 1 cannot read its data\n" in done.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_missing_image_met_while_training_is_one_line(tmp_path, workers):
+    """An image file deleted after the dataset was built: one line naming it, no traceback,
+    also when a DataLoader worker met it."""
+    argv = ["--preset", "tiny", *TINY_RUN, "--epochs", "1", "--num_workers", str(workers)]
+    for split in ("train", "val"):
+        json_file, folder = write_custom(tmp_path / split, [1, 2])
+        argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
+    os.remove(tmp_path / "train" / "img" / "2.png")
+    with pytest.raises(SystemExit) as exc:
+        train.main_with_data_errors(argv)
+    message = exc.value.code
+    assert message.startswith("error: image id 2") and "2.png" in message, message
+    assert "Traceback" not in message and "\n" not in message
