@@ -45,6 +45,7 @@ RUNS = {
     "conditional": ["--variant", "conditional"],
     "smca": ["--variant", "smca"],
     "dn": ["--variant", "dn"],
+    "dab": ["--variant", "dn", "--no_dn"],          # DN-DETR's base: DAB-DETR, no denoising
     "conditional_dn": ["--variant", "conditional", "--dn"],
 }
 BASELINE = "detr"
@@ -57,6 +58,7 @@ PAPER_CLAIMS = {
     "smca": "~5x fewer epochs (108 vs 500) = 0.22",
     "dn": "its baseline's AP in 50% of the epochs (0.5), +1.9 AP at equal epochs; "
           "the baseline is DAB-DETR, not DETR",
+    "dab": "DN-DETR's baseline (DAB-DETR); the paper does not claim DAB vs DETR here",
     "conditional_dn": "no paper figure (DN's claim, 0.5, is relative to the model it is added to)",
 }
 # --quick: prove the plumbing in minutes; its AP says nothing about the variants.
