@@ -29,15 +29,16 @@ def weighted(criterion, losses):
     return sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
 
 
-def test_tiny_detr_overfits_two_images(two_images):
-    """250 steps on 2 images (9 objects) -> COCO AP50 >= 0.9 on those images."""
+@pytest.mark.parametrize("variant", ["detr", "conditional", "smca", "dn"])
+def test_tiny_model_overfits_two_images(two_images, variant):
+    """220 steps on 2 images (9 objects) -> COCO AP50 >= 0.9 on those images, every variant."""
     ds, (images, mask, targets) = two_images
     torch.manual_seed(0)
-    cfg = minidetr.Config.for_variant("detr", preset="tiny", lr=1e-4, lr_backbone=1e-4, dropout=0.0)
+    cfg = minidetr.Config.for_variant(variant, preset="tiny", lr=1e-4, lr_backbone=1e-4, dropout=0.0)
     model, criterion, postprocess = minidetr.build(cfg)
     optimizer, _ = build_optimizer(model, cfg)
     model.train()
-    for _ in range(250):
+    for _ in range(220):
         total = weighted(criterion, criterion(model(images, mask, targets), targets))
         optimizer.zero_grad()
         total.backward()
