@@ -14,6 +14,7 @@ import minidetr.losses as losses_mod
 from minidetr.losses import (SetCriterion, build_weight_dict, num_boxes_normaliser,
                              sigmoid_focal_loss, total_loss)
 from minidetr.matcher import HungarianMatcher
+from naive import naive_giou  # noqa: E402  (tests/naive.py)
 
 K, B, Q = 3, 2, 5
 
@@ -51,13 +52,6 @@ def naive_focal(x, t, alpha=0.25, gamma=2.0):
     return -alpha * (1 - p) ** gamma * math.log(p) if t else -(1 - alpha) * p ** gamma * math.log(1 - p)
 
 
-def naive_giou(a, b):
-    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    enclosing = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
-    return inter / union - (enclosing - union) / enclosing
 
 
 def naive_pair_losses(logits, pred_boxes, targets, pairs, focal_alpha=0.25, negatives=True):
