@@ -12,6 +12,7 @@ given here replace the checkpoint's.
 """
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
@@ -108,16 +109,24 @@ def main(argv=None):
         sys.exit("error: --resume CHECKPOINT is required (or --plot-logs)")
     device = torch.device(args.device or "cpu")
     overrides = {k: getattr(args, k) for k in ("coco_path", "val_json", "val_images", "amp", "batch_size")}
-    cfg, model, criterion, postprocess = load_model(args.resume, overrides, device, args.variant)
+    if args.image and not args.out:
+        sys.exit("error: --image needs --out PNG")
+    if args.image and not os.path.isfile(args.image):
+        sys.exit(f"error: --image {args.image} does not exist")
+    try:
+        cfg, model, criterion, postprocess = load_model(args.resume, overrides, device, args.variant)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
     if args.image:
-        if not args.out:
-            sys.exit("error: --image needs --out PNG")
         draw(args, cfg, model, postprocess, device)
         print("wrote", args.out)
         return None
     cfg.num_workers = args.num_workers
     cfg.eval = True
-    _, val_set = build_datasets(cfg, True)
+    try:
+        _, val_set = build_datasets(cfg, True)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        sys.exit(f"error: {err}")
     result = evaluate(model, criterion, postprocess, make_loader(val_set, cfg, 0, train=False),
                       val_set.coco, device, cfg.amp)
     print("COCO bbox evaluation")

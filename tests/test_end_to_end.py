@@ -90,3 +90,12 @@ def test_train_eval_and_draw_scripts(tmp_path, monkeypatch):
     assert attn.size == (160 * (1 + 4), 160 * 2)     # (image + 4 heads) x 2 detections, 160-px tiles
     eval_script.main(["--plot-logs", str(out / "log.txt"), "--out", str(tmp_path / "curves.png")])
     Image.open(tmp_path / "curves.png").verify()
+
+
+def test_eval_script_mistakes_are_one_line(tmp_path):
+    """A missing checkpoint or image stops eval.py with one 'error:' line."""
+    with pytest.raises(SystemExit, match="does not exist"):
+        eval_script.main(["--resume", str(tmp_path / "none.pth")])
+    with pytest.raises(SystemExit, match="--image .* does not exist"):
+        eval_script.main(["--resume", str(tmp_path / "none.pth"), "--image", str(tmp_path / "x.png"),
+                          "--out", str(tmp_path / "o.png")])
