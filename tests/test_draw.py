@@ -61,3 +61,19 @@ def test_plot_logs_writes_a_png(tmp_path):
                                          "test_coco_eval_bbox": [0.1 * e] * 12}) for e in range(3)))
     draw.plot_logs([log], tmp_path / "c.png")
     Image.open(tmp_path / "c.png").verify()
+
+
+def test_plot_logs_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    """matplotlib is optional: without it plotting stops with the pip command, not an ImportError."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    import pytest
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        draw.plot_logs([tmp_path / "log.txt"], tmp_path / "c.png")
