@@ -171,6 +171,10 @@ def main(argv=None):
     global_step = epoch * steps_per_epoch + step
     result = None
     start_time = time.time()
+    if cfg.max_steps and global_step >= cfg.max_steps:   # resumed at the budget: train no more
+        if main_process:
+            print(f"nothing to train: the checkpoint is at step {global_step}, --max_steps is {cfg.max_steps}")
+        epoch = cfg.epochs
     with StopRequest() as stop:
         while epoch < cfg.epochs:
             loader = make_loader(train_seeded, cfg, epoch, train=True, skip_batches=step)

@@ -105,6 +105,17 @@ def test_max_steps_then_resume_equals_straight_run_with_dropout(tmp_path, straig
     assert not all(torch.equal(first["model"][k], final["model"][k]) for k in final["model"])
 
 
+def test_resume_at_max_steps_trains_no_further(tmp_path):
+    """A checkpoint already at --max_steps: resuming with the same budget leaves it as it is."""
+    out = str(tmp_path / "budget")
+    train.main(DN + ["--output_dir", out, "--max_steps", "2"])
+    before = load(os.path.join(out, "checkpoint.pth"))
+    train.main(DN + ["--output_dir", out, "--max_steps", "2", "--resume", os.path.join(out, "checkpoint.pth")])
+    after = load(os.path.join(out, "checkpoint.pth"))
+    assert (after["epoch"], after["step"]) == (before["epoch"], before["step"])
+    assert_same_state(before, after)
+
+
 def test_sigint_saves_returns_cleanly_and_resume_equals_straight_run(tmp_path, monkeypatch, straight_dn):
     """dn: SIGINT during epoch 0's last step -> the step finishes, checkpoint (epoch 1, step 0)
     before that epoch's evaluation, main returns normally with the signal handlers restored;
