@@ -29,7 +29,8 @@ from torch import nn
 from minidetr import box_ops
 from minidetr.backbone import Backbone, PositionEmbeddingSine, load_backbone_weights
 from minidetr.config import Config
-from minidetr.transformer import MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, xavier_init
+from minidetr.transformer import (MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, LearnedQueries,
+                                  xavier_init)
 
 
 # ---- small parts shared by the variants ----
@@ -44,23 +45,6 @@ class LevelProjection(nn.Module):
     def forward(self, levels):
         """levels: list of (feat [B, Ci, y, x], mask [B, y, x]) -> list of ([B, D, y, x], mask)."""
         return [(proj(feat), mask) for proj, (feat, mask) in zip(self.proj, levels)]
-
-
-class LearnedQueries(nn.Module):
-    """DETR's object queries: a learned positional query per slot, content starting at 0."""
-
-    def __init__(self, num_queries, dim):
-        super().__init__()
-        self.query_embed = nn.Embedding(num_queries, dim)
-
-    def forward(self, batch_size):
-        """-> tgt [B, Q, D] zeros, query_pos [B, Q, D], ref_points None."""
-        query_pos = self.query_embed.weight.expand(batch_size, -1, -1)
-        return torch.zeros_like(query_pos), query_pos, None
-
-    def from_boxes(self, boxes):
-        raise NotImplementedError("denoising needs queries that carry a reference point or box "
-                                  "(variant conditional or dn); DETR's learned queries have none")
 
 
 def unpadded_sizes(mask):

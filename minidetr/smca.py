@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, MultiheadAttention,
-                                  xavier_init)
+from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, LearnedQueries,
+                                  MultiheadAttention, xavier_init)
 
 SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # point3 outputs per head and scale level
 
@@ -328,22 +328,8 @@ class SMCADecoder(Decoder):
 
 # ---- queries and build ----
 
-class SMCAQueries(nn.Module):
-    """DETR's learned queries: content starts at zero, query_pos = query_embed (Q, C)."""
-
-    def __init__(self, num_queries, dim):
-        super().__init__()
-        self.query_embed = nn.Embedding(num_queries, dim)
-
-    def forward(self, batch_size):
-        """Returns tgt [B, Q, C] zeros, query_pos [B, Q, C], ref_points None."""
-        query_pos = repeat(self.query_embed.weight, 'q c -> b q c', b=batch_size)
-        return torch.zeros_like(query_pos), query_pos, None
-
-    def from_boxes(self, boxes):
-        raise NotImplementedError(
-            "denoising needs queries built from reference boxes, but SMCA's queries carry no "
-            "box: its centres are predicted inside the decoder (layer 0's point1)")
+# SMCA's queries are DETR's (its centres come from the decoder's layer 0, not the queries)
+SMCAQueries = LearnedQueries
 
 
 def build_parts(cfg, bbox_embed):

@@ -262,6 +262,24 @@ class Decoder(nn.Module):
         return torch.stack(hs), None
 
 
+class LearnedQueries(nn.Module):
+    """DETR's object queries: a learned positional query per slot, content starting at 0."""
+
+    def __init__(self, num_queries, dim):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, dim)
+
+    def forward(self, batch_size):
+        """-> tgt [B, Q, D] zeros, query_pos [B, Q, D], ref_points None."""
+        query_pos = self.query_embed.weight.expand(batch_size, -1, -1)
+        return torch.zeros_like(query_pos), query_pos, None
+
+    def from_boxes(self, boxes):
+        raise NotImplementedError("denoising needs queries that carry a reference point or box "
+                                  "(variant conditional or dn); DETR's and SMCA's learned queries "
+                                  "have none (SMCA predicts its centres inside the decoder)")
+
+
 def xavier_init(module):
     """DETR's transformer init: xavier_uniform on every weight matrix (dim > 1)."""
     for p in module.parameters():
