@@ -63,8 +63,14 @@ def attention_maps(model, images, mask, kind="attention"):
     (only for models whose cross-attention has an additive bias).
     """
     model.eval()
-    with record_attention() as recorded:
-        outputs = model(images, mask)
+    grids = []    # the levels' (y, x), read off the projection's output in the same forward pass
+    hook = model.input_proj.register_forward_hook(
+        lambda module, inputs, levels: grids.extend(tuple(src.shape[-2:]) for src, _ in levels))
+    try:
+        with record_attention() as recorded:
+            outputs = model(images, mask)
+    finally:
+        hook.remove()
     tag = "cross" if kind == "attention" else "cross_bias"
     found = [w for t, w in recorded if t == tag]
     if not found:
@@ -73,7 +79,7 @@ def attention_maps(model, images, mask, kind="attention"):
     weights = found[-1].float()
     if kind == "prior":
         weights = weights.exp()
-    y, x = model.encode(images, mask)[3][0]            # the first level's grid
+    y, x = grids[0]                                     # the first level's grid
     return outputs, rearrange(weights[..., :y * x], 'b h q (y x) -> b h q y x', y=y, x=x)
 
 
