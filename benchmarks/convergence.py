@@ -47,6 +47,9 @@ RUNS = {
     "dn": ["--variant", "dn"],
     "dab": ["--variant", "dn", "--no_dn"],          # DN-DETR's base: DAB-DETR, no denoising
     "conditional_dn": ["--variant", "conditional", "--dn"],
+    # the tiny preset gives vanilla DETR a stride-16 map (see config.py); this is DETR on
+    # the stride-8 map the other variants use, for a same-setting comparison
+    "detr_stride8": ["--variant", "detr", "--backbone_stage", "layer2"],
 }
 BASELINE = "detr"
 FRACTIONS = (0.25, 0.5, 1.0)
@@ -60,6 +63,7 @@ PAPER_CLAIMS = {
           "the baseline is DAB-DETR, not DETR",
     "dab": "DN-DETR's baseline (DAB-DETR); the paper does not claim DAB vs DETR here",
     "conditional_dn": "no paper figure (DN's claim, 0.5, is relative to the model it is added to)",
+    "detr_stride8": "none: vanilla DETR on the other variants' stride-8 map",
 }
 # --quick: prove the plumbing in minutes; its AP says nothing about the variants.
 QUICK = dict(shapes_train=24, shapes_val=16, steps=12, seeds=[0])   # 4 epochs of 3 steps

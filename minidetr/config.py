@@ -170,16 +170,28 @@ PAPER_DEFAULTS = {
 }
 
 # ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----
+# Every choice below was measured on 2 CPU cores (benchmarks/RESULTS.md, "tuning the tiny
+# preset"): the default 1,250 steps must show learning from random weights.
+#  - ResNet-18 cut after layer2: stride 8, a 16x16 map at 128 px, and the cheapest backbone.
+#    dn reached AP50 0.25 here against 0.08 at stride 16 (layer3).
+#  - 1 encoder layer, not 3: in post-norm layers that start out attending almost uniformly,
+#    every extra layer mixes the image further before the decoder has learned where to
+#    look (dn AP50 0.038 with 1 layer vs 0.004 with 3, on the first dataset).
+#  - batch 8 at lr 3e-4: batch 4 (twice the steps) and lr 1e-3 were both worse.
 TINY = dict(
-    backbone="resnet18", backbone_stage="layer3", dilation=False, frozen_bn=False, freeze_stem=False,
-    hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=3, dec_layers=3, dropout=0.0,
+    backbone="resnet18", backbone_stage="layer2", dilation=False, frozen_bn=False, freeze_stem=False,
+    hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=1, dec_layers=3, dropout=0.0,
     image_size=128, batch_size=8, lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4,
     epochs=5, lr_drop=4, clip_max_norm=0.1, num_workers=2, seed=42,
     num_classes=7, shapes_train=2000, shapes_val=200,
 )
-# the papers' query ratio (100 for DETR, 300 for the others) scaled to a few objects/image
+# Queries: the papers' ratio (100 for DETR, 300 for the others, against ~7 COCO objects per
+# image) scaled to 1-3 objects. Vanilla DETR keeps layer3 (stride 16, an 8x8 map): its
+# cross-attention starts global and must find each object among all the tokens, and with
+# the 4x more tokens of stride 8 it learned 4x less in the same steps (AP50 0.010 vs 0.042),
+# which is the very problem Conditional DETR, SMCA and DN-DETR set out to fix.
 TINY_PER_VARIANT = {
-    "detr": dict(num_queries=20, num_select=20),
+    "detr": dict(num_queries=10, num_select=10, backbone_stage="layer3"),
     "conditional": dict(num_queries=40, num_select=40),
     "smca": dict(num_queries=40, num_select=40),
     "dn": dict(num_queries=40, num_select=40),

@@ -17,6 +17,11 @@ loader (data.CocoDetection) and pycocotools evaluation run on it as on COCO itse
   json:     category ids 1..K named by SHAPE_NAMES, bbox [x, y, w, h] pixels, iscrowd 0;
             the returned num_classes is K + 1 (DETR's max id + 1)
 
+Defaults (128 px images, 1-3 objects of 24-77 px, light clutter 0.3) are what the tiny
+preset can learn from random weights in its 10-minute CPU budget: with objects down to
+16 px, up to 4 per image and clutter 0.5 the same runs reached a third of the AP
+(benchmarks/RESULTS.md, "tuning the tiny preset", lists every setting tried).
+
 Determinism: image i of a split draws from its own generator seeded by (seed, split, i),
 so it is the same whatever num_train / num_val are, and the json holds no dates: the same
 parameters give byte-identical files.
@@ -37,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPE_NAMES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'ring')
-SHAPES_VERSION = 2  # bump when the drawing code or the defaults change, so caches regenerate
+SHAPES_VERSION = 3  # bump when the drawing code or the defaults change, so caches regenerate
 
 
 def default_shapes_root():
@@ -200,8 +205,8 @@ def _generate_into(folder, params):
 
 
 def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image_size=128,
-                        num_classes=6, min_objects=1, max_objects=4, empty_frac=0.02,
-                        min_size=16, max_size_frac=0.6, aspect_jitter=0.3, clutter=0.5,
+                        num_classes=6, min_objects=1, max_objects=3, empty_frac=0.02,
+                        min_size=24, max_size_frac=0.6, aspect_jitter=0.3, clutter=0.3,
                         min_visible=0.3, min_contrast=60.0):
     """Write the synthetic shapes dataset (COCO json + PNG) under root, once.
 
@@ -218,6 +223,10 @@ def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image
     if not 1 <= num_classes <= len(SHAPE_NAMES) or not 0 <= min_objects <= max_objects:
         raise ValueError(f"make_shapes_dataset: need 1 <= num_classes <= {len(SHAPE_NAMES)} "
                          f"and 0 <= min_objects <= max_objects")
+    if not 4 <= min_size <= max_size_frac * image_size:
+        raise ValueError(f"make_shapes_dataset: min_size {min_size} px must be between 4 and "
+                         f"max_size_frac * image_size = {max_size_frac * image_size:g} px "
+                         f"(pass a smaller min_size for {image_size} px images)")
     params = dict(version=SHAPES_VERSION, num_train=num_train, num_val=num_val, seed=seed,
                   image_size=image_size, num_classes=num_classes, min_objects=min_objects,
                   max_objects=max_objects, empty_frac=empty_frac, min_size=min_size,

@@ -347,7 +347,8 @@ def build_parts(cfg, bbox_embed):
               for i in range(cfg.dec_layers)]
     # Pixels per cell of each level. The reference divides by 32 even for DC5 (stride 16);
     # we use the real stride of the map the Gaussian is laid on.
-    last = {"layer3": 16, "layer4": 16 if getattr(cfg, "dilation", False) else 32}
+    last = {"layer1": 4, "layer2": 8, "layer3": 16,
+            "layer4": 16 if getattr(cfg, "dilation", False) else 32}
     strides = ([16, last["layer4"], 2 * last["layer4"]] if cfg.smca_multiscale
                else [last[getattr(cfg, "backbone_stage", "layer4")]])
     decoder = SMCADecoder(layers, dim, strides)

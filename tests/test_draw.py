@@ -29,7 +29,7 @@ def test_attention_maps_are_distributions_over_the_grid():
     model, _, _ = minidetr.build("conditional", preset="tiny", **SMALL)
     images, mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
     outputs, maps = draw.attention_maps(model, images, mask)
-    assert maps.shape == (1, 4, 6, 4, 6)               # [B, heads, Q, y, x], stride 16
+    assert maps.shape == (1, 4, 6, 8, 12)              # [B, heads, Q, y, x], stride 8 (layer2)
     assert torch.allclose(maps.sum((-1, -2)), torch.ones(1, 4, 6), atol=1e-5)
 
 
@@ -39,7 +39,7 @@ def test_smca_prior_is_a_gaussian_peaking_at_one():
     model, _, _ = minidetr.build("smca", preset="tiny", **SMALL)
     images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     _, prior = draw.attention_maps(model, images, mask, kind="prior")
-    assert prior.shape == (1, 4, 6, 4, 4)
+    assert prior.shape == (1, 4, 6, 8, 8)               # 64 px at stride 8 (layer2)
     assert (prior > 0).all() and (prior <= 1 + 1e-6).all()
 
 

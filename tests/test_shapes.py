@@ -100,17 +100,17 @@ def test_shapes_idempotent_regenerates_and_refuses_foreign_folder(tmp_path):
     """Same parameters: nothing rewritten; new parameters: regenerated; a folder
     that is not ours is never overwritten."""
     root = str(tmp_path / 'ds')
-    paths = make_shapes_dataset(root, num_train=3, num_val=1, image_size=32)
+    paths = make_shapes_dataset(root, num_train=3, num_val=1, image_size=32, min_size=8)
     stamp = os.stat(paths['train_json']).st_mtime_ns
-    make_shapes_dataset(root, num_train=3, num_val=1, image_size=32)
+    make_shapes_dataset(root, num_train=3, num_val=1, image_size=32, min_size=8)
     assert os.stat(paths['train_json']).st_mtime_ns == stamp
-    make_shapes_dataset(root, num_train=5, num_val=1, image_size=32)
+    make_shapes_dataset(root, num_train=5, num_val=1, image_size=32, min_size=8)
     assert len(json.load(open(paths['train_json']))['images']) == 5
     foreign = tmp_path / 'home'
     foreign.mkdir()
     (foreign / 'notes.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='home'):
-        make_shapes_dataset(str(foreign), num_train=1, num_val=1, image_size=32)
+        make_shapes_dataset(str(foreign), num_train=1, num_val=1, image_size=32, min_size=8)
     assert (foreign / 'notes.txt').read_text() == 'mine'
 
 
@@ -126,7 +126,14 @@ def test_shapes_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     real_render = shapes_module._render
     monkeypatch.setattr(shapes_module, '_render', failing_render)
     with pytest.raises(KeyboardInterrupt):
-        make_shapes_dataset(str(tmp_path / 'ds'), num_train=5, num_val=1, image_size=32)
+        make_shapes_dataset(str(tmp_path / 'ds'), num_train=5, num_val=1, image_size=32, min_size=8)
+    assert os.listdir(tmp_path) == []
+
+
+def test_shapes_rejects_objects_larger_than_the_image_allows(tmp_path):
+    """The default min_size (24 px) cannot fit 0.6 * 32 px: a clear error, no folder."""
+    with pytest.raises(ValueError, match='min_size 24 px .* 19.2 px'):
+        make_shapes_dataset(str(tmp_path / 'ds'), num_train=1, num_val=1, image_size=32)
     assert os.listdir(tmp_path) == []
 
 
