@@ -188,8 +188,10 @@ TINY = dict(
 # Queries: the papers' ratio (100 for DETR, 300 for the others, against ~7 COCO objects per
 # image) scaled to 1-3 objects. Vanilla DETR keeps layer3 (stride 16, an 8x8 map): its
 # cross-attention starts global and must find each object among all the tokens, and with
-# the 4x more tokens of stride 8 it learned 4x less in the same steps (AP50 0.010 vs 0.042),
-# which is the very problem Conditional DETR, SMCA and DN-DETR set out to fix.
+# the 4x more tokens of stride 8 it learned less in the same steps (AP50 0.010 vs 0.042 with
+# seed 42, 0.027 vs 0.039 with seed 0): the very problem Conditional DETR, SMCA and DN-DETR
+# set out to fix. DETR is also the slow starter: 0.04 after the 1,250 default steps, 0.22
+# after 2,500 (benchmarks/RESULTS.md).
 TINY_PER_VARIANT = {
     "detr": dict(num_queries=10, num_select=10, backbone_stage="layer3"),
     "conditional": dict(num_queries=40, num_select=40),
