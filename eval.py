@@ -4,6 +4,7 @@
     python eval.py --resume ckpt.pth --coco_path /data/coco            # COCO val2017
     python eval.py --resume ckpt.pth --val_json a.json --val_images imgs/
     python eval.py --resume ckpt.pth --image photo.png --out pred.png [--threshold 0.5]
+        (says so when no box reaches the threshold: focal-loss scores start low)
     python eval.py --resume ckpt.pth --image photo.png --attention --out attn.png [--prior]
     python eval.py --plot-logs out/*/log.txt --out curves.png
 
@@ -91,6 +92,12 @@ def draw(args, cfg, model, postprocess, device):
         with torch.no_grad():
             result = postprocess(model(tensor, mask), orig)[0]
         drawing.draw_predictions(image, result, names, args.threshold).save(args.out)
+        best = float(result["scores"].max()) if len(result["scores"]) else 0.0
+        if best < args.threshold:   # an empty picture should say why, not look like a bug
+            print(f"note: no prediction scored >= --threshold {args.threshold} (best {best:.2f}); "
+                  f"{args.out} shows the image alone. Pass a lower --threshold to see the boxes "
+                  f"(sigmoid-focal scores of a briefly trained model are often below 0.5).",
+                  file=sys.stderr)
         return
     outputs, maps = drawing.attention_maps(model, tensor, mask, "prior" if args.prior else "attention")
     result = postprocess(outputs, orig)[0]

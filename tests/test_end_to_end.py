@@ -68,7 +68,7 @@ TINY_RUN = ["--hidden_dim", "32", "--nheads", "4", "--dim_feedforward", "64", "-
             "--shapes_train", "8", "--shapes_val", "4", "--epochs", "1", "--num_workers", "0"]
 
 
-def test_train_eval_and_draw_scripts(tmp_path, monkeypatch):
+def test_train_eval_and_draw_scripts(tmp_path, monkeypatch, capsys):
     """train.py writes DETR-style log.txt + checkpoint; eval.py scores it and draws PNGs."""
     monkeypatch.setenv("MINIDETR_DATA", str(tmp_path / "data"))
     out = tmp_path / "run"
@@ -83,6 +83,10 @@ def test_train_eval_and_draw_scripts(tmp_path, monkeypatch):
     eval_script.main(["--resume", str(out / "checkpoint.pth"), "--image", str(image),
                       "--out", str(tmp_path / "pred.png"), "--threshold", "0"])
     assert Image.open(tmp_path / "pred.png").size == Image.open(image).size
+    capsys.readouterr()
+    eval_script.main(["--resume", str(out / "checkpoint.pth"), "--image", str(image),
+                      "--out", str(tmp_path / "none.png"), "--threshold", "1.01"])  # scores <= 1
+    assert "no prediction scored >= --threshold 1.01" in capsys.readouterr().err
     eval_script.main(["--resume", str(out / "checkpoint.pth"), "--image", str(image), "--attention",
                       "--top", "2", "--out", str(tmp_path / "attn.png")])
     attn = Image.open(tmp_path / "attn.png")
