@@ -270,9 +270,9 @@ def checkpoint_step(ckpt, budget):
 def evaluate_final(argv, ckpt, budget, run_dir, write):
     """A run killed between its last checkpoint and its last log line: evaluate that checkpoint.
 
-    (train.py --resume from a checkpoint already at --max_steps would train one more step
-    first, and one at the last epoch would not evaluate at all.) Same evaluation code:
-    train.main with --eval. Appends the log line train.py would have written.
+    (train.py --resume from a checkpoint already at --max_steps trains nothing and does not
+    evaluate either.) Same evaluation code: train.main with --eval. Appends the log line
+    train.py would have written.
     """
     write(f"{run_dir.name}: checkpoint at the budget but no final log line; evaluating it")
     code = "import json, sys, train; r = train.main(sys.argv[1:]); print('STATS', json.dumps(r['stats']))"

@@ -197,6 +197,11 @@ def resnet101(norm_layer=nn.BatchNorm2d, dilation=False):
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
+
+def stage_strides(dilation=False):
+    """Pixels per cell of each stage's map: 4, 8, 16, 32 (DC5: layer4 stays at 16)."""
+    return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}
+
 # ---- the detection backbone: feature maps + downsampled padding masks ----
 
 
@@ -227,16 +232,15 @@ class Backbone(nn.Module):
         del self.body.avgpool, self.body.fc   # detection keeps the map; keys = torchvision's minus fc.*
         self.return_layers = tuple(return_layers)
         # Stages past the deepest requested one are dropped, not just skipped: parameters that
-        # never get a gradient would make DDP wait for them (the tiny preset stops at layer3).
+        # never get a gradient would make DDP wait for them (the tiny preset stops at layer2/3).
         last = max(LAYER_NAMES.index(n) for n in self.return_layers)
         for name in LAYER_NAMES[last + 1:]:
             delattr(self.body, name)
 
         expansion = self.body.layer1[0].expansion
         channels = {n: 64 * 2 ** i * expansion for i, n in enumerate(LAYER_NAMES)}   # 64..512 (x4)
-        strides = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}
         self.num_channels = [channels[n] for n in self.return_layers]
-        self.strides = [strides[n] for n in self.return_layers]
+        self.strides = [stage_strides(dilation)[n] for n in self.return_layers]
 
         for param_name, param in self.body.named_parameters():
             trainable = train_backbone and (not freeze_stem or param_name.startswith(LAYER_NAMES[1:]))

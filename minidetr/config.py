@@ -37,8 +37,8 @@ class Config:
     # ---- backbone ----
     backbone: str = _f("resnet50", "resnet18 | resnet34 | resnet50 | resnet101")
     dilation: bool = _f(False, "DC5: replace the stride of the last stage by a dilation")
-    backbone_stage: str = _f("layer4", "last ResNet stage used: layer4 (DETR, stride 32) or "
-                                       "layer3 (stride 16 at a third of DC5's cost)")
+    backbone_stage: str = _f("layer4", "last ResNet stage used, the map the transformer sees: "
+                                       "layer4 (DETR, stride 32), layer3 (16), layer2 (8), layer1 (4)")
     position_embedding: str = _f("sine", "image positional encoding (only 'sine' is implemented)")
     pe_temperature: int = _f(10000, "temperature of the sine encoding (DAB/DN-DETR: 20)")
     frozen_bn: bool = _f(True, "FrozenBatchNorm2d in the backbone (for pretrained weights)")

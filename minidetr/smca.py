@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from minidetr.backbone import stage_strides
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, LearnedQueries,
                                   MultiheadAttention, xavier_init)
 
@@ -346,11 +347,11 @@ def build_parts(cfg, bbox_embed):
                                num_levels=levels)
               for i in range(cfg.dec_layers)]
     # Pixels per cell of each level. The reference divides by 32 even for DC5 (stride 16);
-    # we use the real stride of the map the Gaussian is laid on.
-    last = {"layer1": 4, "layer2": 8, "layer3": 16,
-            "layer4": 16 if getattr(cfg, "dilation", False) else 32}
-    strides = ([16, last["layer4"], 2 * last["layer4"]] if cfg.smca_multiscale
-               else [last[getattr(cfg, "backbone_stage", "layer4")]])
+    # we use the real stride of the map the Gaussian is laid on. Multi-scale: C4, C5 and C5
+    # downsampled once more.
+    stride = stage_strides(cfg.dilation)
+    strides = ([stride["layer3"], stride["layer4"], 2 * stride["layer4"]] if cfg.smca_multiscale
+               else [stride[cfg.backbone_stage]])
     decoder = SMCADecoder(layers, dim, strides)
     xavier_init(decoder)                  # DETR's init first (the reference's _reset_parameters)
     for layer in decoder.layers:

@@ -349,7 +349,8 @@ def test_build_parts_multiscale_end_to_end():
     """build_parts inits point3 to scale 1, sizes the projection per backbone, and the parts run."""
     cfg = SimpleNamespace(hidden_dim=D, nheads=H, dim_feedforward=FF, dropout=0.0, dec_layers=3,
                           enc_layers=5, num_queries=Q, smooth=8.0, smca_scale="xy",
-                          smca_multiscale=True, activation="relu", backbone="resnet18")
+                          smca_multiscale=True, activation="relu", backbone="resnet18",
+                          dilation=False, backbone_stage="layer4")
     parts = build_parts(cfg, bbox_embed=None)
     assert set(parts) == {"queries", "decoder", "encoder", "input_proj", "return_layers"}
     assert parts["return_layers"] == ("layer3", "layer4")
@@ -372,3 +373,14 @@ def test_build_parts_multiscale_end_to_end():
     single_cfg = SimpleNamespace(**{**vars(cfg), "smca_multiscale": False, "smca_scale": "fixed"})
     single = build_parts(single_cfg, bbox_embed=None)
     assert set(single) == {"queries", "decoder"} and not hasattr(single["decoder"].layers[0], "point3")
+
+
+@pytest.mark.parametrize("stage", ["layer2", "layer3", "layer4"])
+def test_decoder_stride_is_the_backbone_map_stride(stage):
+    """The Gaussians are placed with w / stride: that stride must be the one of the map the
+    decoder attends to, measured here as image size / map size on a real forward pass."""
+    import minidetr
+    model, _, _ = minidetr.build("smca", preset="tiny", backbone_stage=stage, hidden_dim=32,
+                                 nheads=4, dim_feedforward=64, num_queries=4, num_select=4)
+    (feat, _), = model.backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))[:1]
+    assert model.decoder.strides == [64 // feat.shape[-2]] == [96 // feat.shape[-1]]
