@@ -73,30 +73,38 @@ def box_iou(boxes1, boxes2):
     return _iou_and_union(boxes1, boxes2)
 
 
-def _iou_and_union(boxes1, boxes2):
+def _iou_and_union(boxes1, boxes2, eps=0.0):
     area1, area2 = box_area(boxes1), box_area(boxes2)
     top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])       # [N, M, 2]
     bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])   # [N, M, 2]
     inter_wh = (bottom_right - top_left).clamp(min=0)                    # 0 when disjoint
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = area1[:, None] + area2[None, :] - inter
-    # Two zero-area boxes have union 0; their IoU is 0 by convention, not 0/0 = NaN.
-    iou = inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+    iou = inter / _safe_denominator(union, eps)
     return iou, union
 
 
-def generalized_box_iou(boxes1, boxes2):
+def _safe_denominator(x, eps):
+    """x + eps (DAB-/DN-DETR's 1e-6) or, with eps 0, x itself kept off 0, so that two
+    zero-area boxes get IoU 0 by convention instead of 0/0 = NaN (DETR's exact form)."""
+    return x + eps if eps else x.clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def generalized_box_iou(boxes1, boxes2, eps=0.0):
     """Pairwise generalized IoU (Rezatofighi et al., CVPR 2019).
 
     boxes1: [N, 4] xyxy, boxes2: [M, 4] xyxy, same units, x1 <= x2 and y1 <= y2.
     Returns [N, M] in [-1, 1]. GIoU = IoU - (|C| - |A u B|) / |C|, C the enclosing box.
+    eps: added to |A u B| and |C| before dividing, as DAB-DETR and DN-DETR do (1e-6, in
+    their loss and matching cost alike); 0 is DETR's exact form. For normalised boxes eps
+    is not negligible: 1e-6 against a union of 1e-2 moves GIoU by 1e-4 relative.
     Raises ValueError naming the first degenerate box.
     """
     check_boxes_xyxy(boxes1, "boxes1")
     check_boxes_xyxy(boxes2, "boxes2")
-    iou, union = _iou_and_union(boxes1, boxes2)
+    iou, union = _iou_and_union(boxes1, boxes2, eps)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
     enclosing_wh = (bottom_right - top_left).clamp(min=0)
     enclosing = enclosing_wh[..., 0] * enclosing_wh[..., 1]              # |C|, [N, M]
-    return iou - (enclosing - union) / enclosing.clamp(min=torch.finfo(enclosing.dtype).tiny)
+    return iou - (enclosing - union) / _safe_denominator(enclosing, eps)

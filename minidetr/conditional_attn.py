@@ -44,7 +44,7 @@ from torch import nn
 
 from minidetr.backbone import sine_embed
 from minidetr.box_ops import inverse_sigmoid
-from minidetr.transformer import MLP, FeedForward, attention, cat_heads, xavier_init
+from minidetr.transformer import MLP, FeedForward, attention, cat_heads, clones, xavier_init
 
 
 # ---- sine embedding of points and boxes ----
@@ -297,9 +297,12 @@ def build_parts(cfg, bbox_embed):
     Returns dict(queries=..., decoder=...).
     """
     dim = cfg.hidden_dim
-    layers = [ConditionalDecoderLayer(dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
-                                      cfg.activation, is_first=(i == 0))
-              for i in range(cfg.dec_layers)]
+    # one layer deep-copied, as the references build the stack (equal biases in every layer);
+    # the copies after layer 0 then lose ca_qpos_proj, as the references delete it
+    layers = clones(ConditionalDecoderLayer(dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                            cfg.activation, is_first=True), cfg.dec_layers)
+    for later in layers[1:]:
+        later.is_first, later.ca_qpos_proj = False, None
     if cfg.variant == "conditional":
         queries, decoder = ConditionalQueries(cfg.num_queries, dim), ConditionalDecoder(layers, dim)
         xavier_init(decoder)

@@ -62,6 +62,8 @@ class Config:
     bbox_loss_coef: float = _f(5.0, "L1 box loss weight")
     giou_loss_coef: float = _f(2.0, "GIoU loss weight")
     eos_coef: float = _f(0.1, "weight of the no-object class (softmax classification)")
+    giou_eps: float = _f(0.0, "added to GIoU's union and enclosing area, in loss and matching "
+                              "(DAB/DN-DETR: 1e-6; DETR, Conditional, SMCA: 0, exact)")
     focal_alpha: Optional[float] = _f(None, "sigmoid focal classification with this alpha; "
                                             "None = softmax with a no-object class")
     num_select: int = _f(100, "detections kept per image by post-processing")
@@ -164,9 +166,10 @@ PAPER_DEFAULTS = {
     # gaopengcuhk/SMCA-DETR README command: --num_queries 300 --epochs 50 --lr_drop 40
     # --dynamic_scale type3 (our smca_scale 'xy'); ce weight 2 and top-k = num_queries
     "smca": dict(_FOCAL, cls_loss_coef=2.0, num_select=300, smca_scale="xy", smooth=8.0),
-    # FengLi-ust/DN-DETR dn_dab_detr: DAB-DETR's dropout 0, PReLU, PE temperature 20, ce 1
+    # FengLi-ust/DN-DETR dn_dab_detr: DAB-DETR's dropout 0, PReLU, PE temperature 20, ce 1,
+    # and its util/box_ops.py's GIoU with + 1e-6 in both denominators
     "dn": dict(_FOCAL, cls_loss_coef=1.0, num_select=300, dropout=0.0, activation="prelu",
-               pe_temperature=20, dn=True),
+               pe_temperature=20, dn=True, giou_eps=1e-6),
 }
 
 # ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----

@@ -30,7 +30,7 @@ from minidetr import box_ops
 from minidetr.backbone import Backbone, PositionEmbeddingSine, load_backbone_weights
 from minidetr.config import Config
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, LearnedQueries,
-                                  xavier_init)
+                                  clones, xavier_init)
 
 
 # ---- small parts shared by the variants ----
@@ -182,8 +182,8 @@ def _variant_parts(cfg, bbox_embed):
     if cfg.variant == "smca":
         from minidetr import smca
         return smca.build_parts(cfg, bbox_embed)
-    layers = [DecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
-              for _ in range(cfg.dec_layers)]
+    layers = clones(DecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                 cfg.activation), cfg.dec_layers)
     decoder = Decoder(layers, cfg.hidden_dim)
     xavier_init(decoder)
     return dict(queries=LearnedQueries(cfg.num_queries, cfg.hidden_dim), decoder=decoder)
@@ -216,8 +216,8 @@ def build(cfg="detr", preset="paper", **overrides):
     encoder = parts.get("encoder")
     if encoder is None:
         pos_scale = MLP(cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2) if cfg.variant == "dn" else None
-        encoder = Encoder([EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
-                                        cfg.activation) for _ in range(cfg.enc_layers)], pos_scale)
+        layer = EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
+        encoder = Encoder(clones(layer, cfg.enc_layers), pos_scale)
         xavier_init(encoder)
     denoiser = None
     if cfg.dn:
@@ -229,10 +229,10 @@ def build(cfg="detr", preset="paper", **overrides):
                  aux_loss=cfg.aux_loss, denoiser=denoiser)
 
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou,
-                               focal_alpha=cfg.focal_alpha)
+                               focal_alpha=cfg.focal_alpha, giou_eps=cfg.giou_eps)
     weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef,
                                     cfg.dec_layers, cfg.aux_loss, cfg.dn)
     criterion = SetCriterion(cfg.num_classes, matcher, weight_dict, eos_coef=cfg.eos_coef,
-                             focal_alpha=cfg.focal_alpha, aux_loss=cfg.aux_loss)
+                             focal_alpha=cfg.focal_alpha, aux_loss=cfg.aux_loss, giou_eps=cfg.giou_eps)
     postprocess = PostProcess(focal, cfg.num_select)
     return model, criterion, postprocess

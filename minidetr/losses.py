@@ -128,10 +128,11 @@ def loss_labels(logits, target_classes, normaliser, focal_alpha=None, class_weig
     return (focal * kept[..., None]).sum() / normaliser
 
 
-def loss_boxes(pred_boxes, targets, indices, normaliser):
+def loss_boxes(pred_boxes, targets, indices, normaliser, giou_eps=0.0):
     """L1 and GIoU losses of the paired slots (DETR Sec. 3.1, L_box).
 
     pred_boxes: [B, Q, 4] cxcywh in [0, 1]; targets: list of B dicts with boxes [t, 4] cxcywh.
+    giou_eps: see box_ops.generalized_box_iou (DN-DETR 1e-6, DETR 0).
     Returns (loss_bbox, loss_giou): sum over pairs of ||b - b'||_1 and of 1 - GIoU(b, b'),
     each / normaliser. Exactly 0 (still attached to the graph) when there are no pairs.
     """
@@ -140,7 +141,7 @@ def loss_boxes(pred_boxes, targets, indices, normaliser):
     tgt = tgt.to(src)                                                     # [M, 4] cxcywh
     loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / normaliser
     # Pairwise [M, M] GIoU and keep the diagonal: M is a few hundred at most (as DETR).
-    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), giou_eps))
     loss_giou = (1 - giou).sum() / normaliser
     return loss_bbox, loss_giou
 
@@ -189,17 +190,18 @@ class SetCriterion(nn.Module):
     eos_coef: no-object weight of the softmax CE (0.1 = DETR's --eos_coef).
     focal_alpha: None = softmax CE over K + 1 logits, a float = sigmoid focal over K logits.
     losses: subset of ('labels', 'boxes'). aux_loss: also supervise outputs['aux_outputs'].
+    giou_eps: added to the GIoU denominators (DN-DETR 1e-6; 0 = DETR's exact GIoU).
     forward returns named, unweighted losses; combine them with total_loss.
     """
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef=0.1, focal_alpha=None,
-                 losses=("labels", "boxes"), aux_loss=True):
+                 losses=("labels", "boxes"), aux_loss=True, giou_eps=0.0):
         super().__init__()
         if not set(losses) <= {"labels", "boxes"}:
             raise ValueError(f"SetCriterion: unknown losses {set(losses) - {'labels', 'boxes'}}")
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
         self.eos_coef, self.focal_alpha = eos_coef, focal_alpha
-        self.losses, self.aux_loss = tuple(losses), aux_loss
+        self.losses, self.aux_loss, self.giou_eps = tuple(losses), aux_loss, giou_eps
         # float64 so that eos_coef is not rounded before it meets float64 logits; layer_losses
         # casts it to the logits' dtype.
         class_weight = torch.ones(num_classes + 1, dtype=torch.float64)
@@ -220,7 +222,7 @@ class SetCriterion(nn.Module):
                                             self.focal_alpha, self.class_weight.to(logits))
         if "boxes" in self.losses:
             losses["loss_bbox"], losses["loss_giou"] = loss_boxes(
-                at_least_float32(out["pred_boxes"]), targets, indices, normaliser)
+                at_least_float32(out["pred_boxes"]), targets, indices, normaliser, self.giou_eps)
         return losses
 
     def forward(self, outputs, targets):

@@ -72,12 +72,13 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(self, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
-                 focal_alpha=None, focal_gamma=2.0):
+                 focal_alpha=None, focal_gamma=2.0, giou_eps=0.0):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all three cost weights are 0, nothing to match on")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.giou_eps = giou_eps   # DN-DETR's 1e-6 in the GIoU denominators (box_ops)
 
     def class_cost(self, logits, tgt_labels):
         """[N, K'] logits, [T] labels -> [N, T] class cost (softmax or focal, see module doc)."""
@@ -116,7 +117,8 @@ class HungarianMatcher(nn.Module):
         terms = {
             "class": self.class_cost(logits, tgt_labels),
             "bbox (L1)": torch.cdist(boxes, tgt_boxes, p=1),
-            "giou": -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)),
+            "giou": -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes),
+                                         self.giou_eps),
         }
         cost = (self.cost_class * terms["class"] + self.cost_bbox * terms["bbox (L1)"]
                 + self.cost_giou * terms["giou"])
