@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import minidetr
 import minidetr.losses as losses_mod
-from minidetr.losses import (SetCriterion, build_weight_dict, num_boxes_normaliser,
+from minidetr.losses import (SetCriterion, build_weight_dict, loss_boxes, num_boxes_normaliser,
                              sigmoid_focal_loss, total_loss)
 from minidetr.matcher import HungarianMatcher
 from naive import naive_giou  # noqa: E402  (tests/naive.py)
@@ -337,3 +338,30 @@ def test_dn_normaliser_is_all_reduced(monkeypatch):
     out["dn"], _ = dn_case(gen, K)
     SetCriterion(K, HungarianMatcher(focal_alpha=0.25), {}, focal_alpha=0.25)(out, targets_two_images())
     assert seen == [3, 6]          # num_boxes, then num_dn
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_loss_giou_with_dn_detrs_epsilon(eps):
+    """loss_boxes' GIoU term equals the scalar loop with the same eps in both denominators
+    (DN-DETR's box_ops), and the two forms really differ for boxes ~0.1 wide."""
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.cat([0.3 + 0.2 * torch.rand(1, 4, 2, generator=gen, dtype=torch.float64),
+                      0.05 + 0.1 * torch.rand(1, 4, 2, generator=gen, dtype=torch.float64)], -1)
+    boxes = torch.cat([0.3 + 0.2 * torch.rand(3, 2, generator=gen, dtype=torch.float64),
+                       0.05 + 0.1 * torch.rand(3, 2, generator=gen, dtype=torch.float64)], -1)
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1, 2])}]
+    pairs = [(0, 1), (2, 0), (3, 2)]
+    indices = [(torch.tensor([q for q, _ in pairs]), torch.tensor([j for _, j in pairs]))]
+    _, loss_giou = loss_boxes(pred, targets, indices, 3.0, giou_eps=eps)
+    naive = sum(1 - naive_giou(pred[0, q].tolist(), boxes[j].tolist(), eps) for q, j in pairs) / 3.0
+    assert loss_giou.item() == pytest.approx(naive, rel=1e-12)
+    exact = sum(1 - naive_giou(pred[0, q].tolist(), boxes[j].tolist()) for q, j in pairs) / 3.0
+    assert (loss_giou.item() != pytest.approx(exact, rel=1e-7)) == (eps > 0)
+
+
+def test_only_dn_uses_the_giou_epsilon():
+    """dn's matcher and criterion take DN-DETR's 1e-6; DETR, Conditional DETR and SMCA keep
+    DETR's exact GIoU (their reference box_ops divide by the plain union and area)."""
+    for variant, eps in (("detr", 0.0), ("conditional", 0.0), ("smca", 0.0), ("dn", 1e-6)):
+        _, criterion, _ = minidetr.build(variant, preset="tiny")
+        assert criterion.giou_eps == eps and criterion.matcher.giou_eps == eps, variant
