@@ -1,0 +1,74 @@
+"""Device-agnostic checks, run on the `device` fixture (CPU here; CUDA under
+benchmarks/gpu_check.sh): what must hold wherever a user trains.
+
+- the shared attention on the device equals the float64 loop on the CPU (fused kernels and
+  TF32 matmuls may differ by rounding only);
+- every variant's model gives the same eval outputs on the device as on the CPU, from the
+  same weights and batch;
+- a training step under bf16 autocast (and fp16 with a GradScaler on CUDA) gives finite
+  losses and gradients for every variant, denoising included.
+"""
+import pytest
+import torch
+
+import minidetr
+from minidetr.transformer import attention
+from test_transformer import naive_attention, rand
+
+VARIANTS = ("detr", "conditional", "smca", "dn")
+
+
+def batch(device, seed=0):
+    """Two padded images of different sizes and their targets (cxcywh in [0, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 96, 112, generator=g)
+    mask = torch.zeros(2, 96, 112, dtype=torch.bool)
+    mask[1, 80:, :] = True
+    mask[1, :, 96:] = True
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images.to(device), mask.to(device), targets
+
+
+def test_attention_on_device_matches_the_float64_loop(device):
+    """attention() on the device (float32) equals the naive float64 softmax loop."""
+    q, k, v = rand(2, 5, 16, seed=1), rand(2, 12, 16, seed=2), rand(2, 12, 16, seed=3)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 9:] = True
+    out = attention(*(t.float().to(device) for t in (q, k, v)), heads=4, pad_mask=pad.to(device))
+    assert torch.allclose(out.double().cpu(), naive_attention(q, k, v, 4, pad_mask=pad), atol=2e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eval_outputs_on_device_equal_the_cpu(variant, device):
+    """Same weights, same batch: the device's pred_logits / pred_boxes equal the CPU's."""
+    torch.manual_seed(0)
+    model = minidetr.build(variant, preset="tiny")[0].eval()
+    images, mask, _ = batch("cpu")
+    with torch.no_grad():
+        cpu_out = model(images, mask)
+        dev_out = model.to(device)(images.to(device), mask.to(device))
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(dev_out[key].cpu(), cpu_out[key], atol=2e-3), key
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_amp_training_step_is_finite(variant, device):
+    """One forward + loss + backward under autocast: every loss and gradient finite."""
+    torch.manual_seed(0)
+    model, criterion, _ = minidetr.build(variant, preset="tiny")
+    model.to(device).train()
+    images, mask, targets = batch(device)
+    for dtype in ([torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.bfloat16]):
+        model.zero_grad()
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            losses = criterion(model(images, mask, targets), targets)
+        total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        assert torch.isfinite(total), (dtype, {k: float(v) for k, v in losses.items()})
+        (scaler.scale(total) if scaler else total).backward()
+        if scaler:
+            scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), dtype
