@@ -149,8 +149,8 @@ def collect(args):
 
 
 def render(found, args):
-    lines = [f"Machine: {machine_description()}. Every run: one thread, {args.jobs} runs at a time "
-             f"(one per core), nothing else timed. Seeds {', '.join(map(str, args.seeds))}; mean "
+    lines = [f"Machine: {machine_description()}. {args.note + ' ' if args.note else ''}Every run: one "
+             f"thread, {args.jobs} runs at a time (one per core). Seeds {', '.join(map(str, args.seeds))}; mean "
              "(min-max) over the seeds that finished. Train loss = the weighted total each side "
              "logs (its own loss terms, the same formula).", "",
              "| variant | side | seeds | train loss, epochs 0-4 | AP50 after epochs 0-4 | final AP | final AP50 |",
@@ -177,8 +177,10 @@ def render(found, args):
                             f"{sum(off) / len(off):.3f} (spread {max(off) - min(off):.3f}): "
                             f"{'meets' if mean_ours >= floor else 'BELOW'} the bar official mean - "
                             f"spread = {floor:.3f}")
-    lines += ["", *verdicts, "", "Made by `python benchmarks/official.py --refs DIR --ref_python PY` "
-              "(commands of each run in its folder's command.txt); plot: official.png."]
+    lines += ["", *verdicts, "", "Made by `python benchmarks/official.py --refs DIR --ref_python PY "
+              "--harness H` (each run's command line in its folder's command.txt).", "",
+              "![AP50 per epoch, minidetr (solid) and the official code (dashed), min-max bands]"
+              "(official.png)"]
     return "\n".join(lines)
 
 
@@ -205,14 +207,34 @@ def plot(found, args, path):
         ax.set_title(variant)
         ax.set_xlabel("step")
         ax.set_ylabel("AP50")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
+def render_controls(runs):
+    """Rows for the controlled initialisation runs: folders control_<variant>_<what>_s<seed>
+    (train.py --resume of a benchmarks/swap_init.py checkpoint)."""
+    rows = []
+    for folder in sorted(Path(runs).glob("control_*")):
+        log = read_log(folder / "log.txt")
+        if (EPOCHS - 1) not in log:
+            continue
+        loss = " ".join(f"{log[e][0]:.2f}" for e in range(EPOCHS))
+        ap50 = " ".join(f"{log[e][2]:.3f}" for e in range(EPOCHS))
+        rows.append(f"| {folder.name[len('control_'):]} | {loss} | {ap50} | "
+                    f"{log[EPOCHS - 1][1]:.3f} / {log[EPOCHS - 1][2]:.3f} |")
+    if not rows:
+        return ""
+    return "\n".join(["", "Controlled initialisation runs (see below for what each swaps):", "",
+                      "| run | train loss, epochs 0-4 | AP50 after epochs 0-4 | final AP / AP50 |",
+                      "|---|---|---|---|", *rows])
+
+
 def report(args):
     found = collect(args)
-    body = "## Against the official code\n\n" + render(found, args)
+    body = "## Against the official code\n\n" + render(found, args) + render_controls(args.runs)
     update_section(ROOT / "benchmarks" / "RESULTS.md", "against-official", body)
     plot(found, args, ROOT / "benchmarks" / "official.png")
     print(body)
@@ -229,6 +251,7 @@ def get_args(argv=None):
     cli.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core)")
     cli.add_argument("--runs", default=str(ROOT / "out" / "official"), help="where run folders go")
     cli.add_argument("--report_only", action="store_true")
+    cli.add_argument("--note", default="", help="a sentence for the report's machine line")
     cli.add_argument("--print_commands", action="store_true",
                      help="print a shell line per missing run instead of running them")
     return cli.parse_args(argv)
