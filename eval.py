@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from minidetr import Config, build
+from minidetr import Config, build, convert
 from minidetr.checkpoint import load_safely
 from minidetr.evaluation import STAT_NAMES, evaluate
 from minidetr.engine import build_datasets, make_loader
@@ -53,7 +53,6 @@ def load_model(path, overrides, device, variant=None):
     if "config" in ckpt:
         settings, state_dict = dict(ckpt["config"]), ckpt["model"]
     else:
-        from minidetr import convert
         if not convert.is_official_checkpoint(ckpt):
             sys.exit(f"error: {path} has neither a minidetr 'config' nor an official 'args' entry")
         if not variant:

@@ -24,9 +24,8 @@ import traceback
 import torch
 
 from minidetr import build, distributed
-from minidetr.checkpoint import load_safely, rng_state, save_atomic, set_rng_state
+from minidetr.checkpoint import is_official_checkpoint, load_safely, rng_state, save_atomic, set_rng_state
 from minidetr.config import add_arguments, config_from_args
-from minidetr.convert import is_official_checkpoint
 from minidetr.engine import (DataError, NonFiniteLossError, SeededDataset, StopRequest,
                              build_datasets, build_optimizer, make_loader, train_one_epoch)
 from minidetr.evaluation import evaluate, format_stats

@@ -54,7 +54,7 @@ RUNS = {
 BASELINE = "detr"
 FRACTIONS = (0.25, 0.5, 1.0)
 METRICS = {"AP": 0, "AP50": 1, "AP75": 2}          # index in test_coco_eval_bbox
-# The papers' own figures (ANCHORS.md section 6), as a fraction of the baseline's epochs.
+# The papers' own convergence claims (their abstracts and tables), as a fraction of the baseline's epochs.
 PAPER_CLAIMS = {
     "detr": "baseline (500 epochs, R50)",
     "conditional": "6.7x faster (R50: 50 vs 500 epochs) = 0.15",

@@ -124,14 +124,6 @@ class Config:
         cfg.validate()
         return cfg
 
-    @classmethod
-    def from_official_args(cls, args, variant, state_dict=None):
-        """The Config rebuilding a reference model from its argparse settings (an
-        argparse.Namespace or dict, as official checkpoints store under 'args').
-        variant: detr | conditional | smca | dn | dab. See minidetr/convert.py."""
-        from minidetr.convert import config_from_official_args
-        return config_from_official_args(args, variant, state_dict)
-
     def validate(self):
         """Stop early, with what to do, on settings that cannot work together."""
         if self.variant not in VARIANTS:

@@ -26,9 +26,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minidetr import box_ops
+from minidetr import box_ops, conditional_attn, smca
 from minidetr.backbone import Backbone, PositionEmbeddingSine, load_backbone_weights
 from minidetr.config import Config
+from minidetr.denoising import Denoiser
+from minidetr.losses import SetCriterion, build_weight_dict
+from minidetr.matcher import HungarianMatcher
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, LearnedQueries,
                                   clones, xavier_init)
 
@@ -177,10 +180,8 @@ class PostProcess(nn.Module):
 def _variant_parts(cfg, bbox_embed):
     """The queries and decoder (and, for multi-scale SMCA, encoder and projection) of a variant."""
     if cfg.variant in ("conditional", "dn"):
-        from minidetr import conditional_attn
         return conditional_attn.build_parts(cfg, bbox_embed)
     if cfg.variant == "smca":
-        from minidetr import smca
         return smca.build_parts(cfg, bbox_embed)
     layers = clones(DecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
                                  cfg.activation), cfg.dec_layers)
@@ -191,8 +192,6 @@ def _variant_parts(cfg, bbox_embed):
 
 def build(cfg="detr", preset="paper", **overrides):
     """-> (model, criterion, postprocess) for a Config, or for a variant name + preset + overrides."""
-    from minidetr.losses import SetCriterion, build_weight_dict
-    from minidetr.matcher import HungarianMatcher
     if isinstance(cfg, str):
         cfg = Config.for_variant(cfg, preset, **overrides)
     cfg.validate()
@@ -221,7 +220,6 @@ def build(cfg="detr", preset="paper", **overrides):
         xavier_init(encoder)
     denoiser = None
     if cfg.dn:
-        from minidetr.denoising import Denoiser
         denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, num_groups=cfg.scalar,
                             label_noise_prob=cfg.label_noise_scale, box_noise_scale=cfg.box_noise_scale)
     model = DETR(backbone, input_proj, PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.pe_temperature),

@@ -58,7 +58,7 @@ def test_logit_width_follows_classification_type():
 
 
 def test_paper_defaults_match_the_reference_recipes():
-    """A few anchors from each paper's code (ANCHORS.md)."""
+    """A few settings read from each paper's reference code."""
     detr = Config.for_variant("detr")
     assert (detr.num_queries, detr.eos_coef, detr.lr, detr.lr_backbone, detr.focal_alpha) == (100, 0.1, 1e-4, 1e-5, None)
     cond = Config.for_variant("conditional")
