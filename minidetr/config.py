@@ -104,6 +104,8 @@ class Config:
     keep_checkpoints: int = _f(1, "keep the checkpoints of the last K epochs")
     max_steps: int = _f(0, "stop after this many optimiser steps (0 = no limit)")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
+    log_every: int = _f(50, "print the training loss every N steps (0 = only per epoch; "
+                            "each print waits for the device once)")
 
     @classmethod
     def for_variant(cls, variant="detr", preset="paper", **overrides):
