@@ -45,7 +45,7 @@ RUNS = {
     "conditional": ["--variant", "conditional"],
     "smca": ["--variant", "smca"],
     "dn": ["--variant", "dn"],
-    "dab": ["--variant", "dn", "--no_dn"],          # DN-DETR's base: DAB-DETR, no denoising
+    "dab": ["--variant", "dab"],                    # DN-DETR's base: DAB-DETR, no denoising
     "conditional_dn": ["--variant", "conditional", "--dn"],
     # the tiny preset gives vanilla DETR a stride-16 map (see config.py); this is DETR on
     # the stride-8 map the other variants use, for a same-setting comparison

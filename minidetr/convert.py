@@ -33,7 +33,7 @@ tensor must be filled; otherwise ValueError names the keys. BatchNorm step count
 (num_batches_tracked) are dropped: a frozen BatchNorm has none.
 
 Variants: detr, conditional (alias cond), smca (single scale, any --dynamic_scale but type4),
-dn (DN-DETR's dn_dab_detr) and dab (DAB-DETR's dab_detr = our 'dn' model without denoising).
+dn (DN-DETR's dn_dab_detr) and dab (DAB-DETR's dab_detr = our 'dab': 'dn' without denoising).
 
     python -m minidetr.convert --variant detr --src detr-r50-e632da11.pth --dst detr-r50.pth
 """
@@ -148,7 +148,7 @@ def config_from_official_args(args, variant, state_dict=None):
     for k, v in settings.items():   # argparse defaults such as set_cost_class=1 are ints
         if types[k] in (float, "float") and v is not None:
             settings[k] = float(v)
-    return Config.for_variant("dn" if variant == "dab" else variant, "paper", **settings)
+    return Config.for_variant(variant, "paper", **settings)
 
 
 def infer_official_args(state_dict, variant):

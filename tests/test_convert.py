@@ -270,7 +270,7 @@ def test_official_args_set_the_architecture():
     assert (dn.variant, dn.dn, dn.pe_temperature, dn.activation, dn.dropout, dn.num_select) == \
         ("dn", True, 30, "prelu", 0.0, Q)
     dab = config_from_official_args({**args_for("dn"), "modelname": "dab_detr"}, "dab")
-    assert (dab.variant, dab.dn) == ("dn", False)
+    assert (dab.variant, dab.dn) == ("dab", False)
 
 
 @pytest.mark.parametrize("variant,change,needle", [

@@ -38,7 +38,7 @@ def test_cli_error_is_one_line_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == \
-        "error: unknown variant 'detrr': choose one of detr, conditional, smca, dn"
+        "error: unknown variant 'detrr': choose one of detr, conditional, smca, dab, dn"
 
 
 def test_unknown_preset():
