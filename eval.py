@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from minidetr import Config, build
+from minidetr import Config, build, convert
 from minidetr.checkpoint import load_safely
 from minidetr.evaluation import STAT_NAMES, evaluate
-from minidetr.engine import build_datasets, make_loader
+from minidetr.engine import build_datasets, fit_num_classes, make_loader
 
 
 def get_args_parser():
@@ -53,7 +53,6 @@ def load_model(path, overrides, device, variant=None):
     if "config" in ckpt:
         settings, state_dict = dict(ckpt["config"]), ckpt["model"]
     else:
-        from minidetr import convert
         if not convert.is_official_checkpoint(ckpt):
             sys.exit(f"error: {path} has neither a minidetr 'config' nor an official 'args' entry")
         if not variant:
@@ -128,10 +127,10 @@ def main(argv=None):
         draw(args, cfg, model, postprocess, device)
         print("wrote", args.out)
         return None
-    cfg.num_workers = args.num_workers
-    cfg.eval = True
+    cfg = dataclasses.replace(cfg, num_workers=args.num_workers, eval=True)
     try:
-        _, val_set = build_datasets(cfg, True)
+        _, val_set = build_datasets(cfg)
+        fit_num_classes(cfg, (val_set,), num_classes_given=True)   # the checkpoint's classes fit?
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         sys.exit(f"error: {err}")
     result = evaluate(model, criterion, postprocess, make_loader(val_set, cfg, 0, train=False),

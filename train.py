@@ -9,6 +9,12 @@ Flags are the official DETR ones (see minidetr/config.py, one field per flag) pl
 built-in shapes dataset (written on first use under $MINIDETR_DATA or ~/.cache/minidetr).
 Output (rank 0, when --output_dir is set): log.txt, one JSON line per epoch with the keys
 official DETR writes; checkpoint.pth (atomic), which --resume continues exactly.
+--log_every N prints the training loss every N steps.
+
+The loop in main() reads top to bottom: data -> forward (under autocast with --amp) ->
+loss -> backward (DDP all-reduces the gradients there) -> clip -> step -> log. What makes
+a run resumable exactly (seeded data order, per-rank RNG, stop requests, checkpoints) is
+minidetr.engine.TrainingProgress.
 Ctrl-C (SIGINT) or SIGTERM saves a checkpoint of the current step and exits cleanly.
 A mistake on the command line stops at once with "error: ..." and what to do; under
 torchrun a rank that fails prints "[rank N] error: ..." and the whole job ends.
@@ -16,7 +22,6 @@ torchrun a rank that fails prints "[rank N] error: ..." and the whole job ends.
 import argparse
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -24,12 +29,15 @@ import traceback
 import torch
 
 from minidetr import build, distributed
-from minidetr.checkpoint import load_safely, rng_state, save_atomic, set_rng_state
 from minidetr.config import add_arguments, config_from_args
-from minidetr.convert import is_official_checkpoint
-from minidetr.engine import (DataError, NonFiniteLossError, SeededDataset, StopRequest,
-                             build_datasets, build_optimizer, make_loader, train_one_epoch)
+from minidetr.data import move_targets
+from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
+                             fit_num_classes, load_training_state, load_weights, make_loader,
+                             non_finite_message, read_resume)
 from minidetr.evaluation import evaluate, format_stats
+from minidetr.losses import total_loss
+
+AMP_DTYPE = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args_parser():
@@ -37,120 +45,35 @@ def get_args_parser():
     return add_arguments(parser)
 
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, cfg, epoch, step, rngs):
-    """rngs: every rank's rng_state(), so each rank resumes with its own random numbers."""
-    save_atomic({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "epoch": epoch, "step": step, "config": cfg.to_dict(), "rng": rngs,
-                 "world_size": len(rngs)}, path)
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-# settings that decide the model's weights and what they mean: a checkpoint cannot continue
-# under others (num_classes is checked once the dataset has set it)
-MODEL_KEYS = ("variant", "preset", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim",
-              "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
-              "smca_scale", "smca_multiscale")
-
-
-def read_resume(path, cfg):
-    """Load --resume and check it fits this run's model; ValueError says what to do if not.
-
-    Runs before the dataset and the model are built, so a wrong file stops the run at once.
-    """
-    ckpt = load_safely(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
-    if is_official_checkpoint(ckpt):   # its weights have the reference's names, not ours
-        raise ValueError(f"{path} is an official DETR-family checkpoint; convert it first: python -m "
-                         f"minidetr.convert --variant {cfg.variant} --src {path} --dst converted.pth, "
-                         f"then --resume converted.pth")
-    check_same_settings(path, ckpt, cfg, MODEL_KEYS)
-    return ckpt
-
-
-def check_same_settings(path, ckpt, cfg, keys):
-    saved = ckpt.get("config", {})
-    for key in keys:
-        if key in saved and saved[key] != getattr(cfg, key, None):
-            raise ValueError(f"{path} was trained with --{key} {saved[key]!r} but this run has "
-                             f"{getattr(cfg, key, None)!r}; pass the same settings to resume")
-
-
-def load_resume(path, ckpt, model, optimizer, scheduler, scaler, cfg):
-    """Restore a checkpoint read by read_resume; returns (epoch, step) to continue from."""
-    check_same_settings(path, ckpt, cfg, ("num_classes",))
-    if ckpt.get("step", 0) and optimizer is not None:
-        # mid-epoch, `step` counts batches of this size on this many ranks
-        check_same_settings(path, ckpt, cfg, ("batch_size",))
-        if ckpt.get("world_size", 1) != distributed.get_world_size():
-            raise ValueError(f"{path} stopped mid-epoch with {ckpt.get('world_size', 1)} process(es) "
-                             f"but this run has {distributed.get_world_size()}; resume with as many, "
-                             f"or from an end-of-epoch checkpoint_eNNNN.pth")
-    try:
-        unwrap(model).load_state_dict(ckpt["model"])
-    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
-        detail = " ".join(str(err).split())   # torch lists every key: keep the start
-        raise ValueError(f"the weights in {path} do not fit this model; resume with the settings "
-                         f"it was trained with ({detail[:240]}{'...' * (len(detail) > 240)})") from None
-    if optimizer is not None and "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:   # one state per rank (a world of another size: from an epoch's end)
-            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-            set_rng_state(rngs[distributed.get_rank() % len(rngs)])
-    return ckpt.get("epoch", 0), ckpt.get("step", 0)
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    # every mistake on the command line stops here, before any slow work, with what to do
-    try:
+    try:   # every mistake on the command line stops here, before any slow work, with what to do
         cfg = config_from_args(args)
         ckpt = read_resume(cfg.resume, cfg) if cfg.resume else None
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device {cfg.device}, but this torch sees no CUDA device; use --device cpu")
-    device = distributed.init_distributed(cfg.device)
-    main_process = distributed.is_main_process()
-    out_dir = cfg.output_dir if main_process and not cfg.eval else ""   # only rank 0 writes
-    if out_dir:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as err:
-            sys.exit(f"error: cannot create --output_dir {out_dir}: {err.strerror}")
-    torch.manual_seed(cfg.seed + distributed.get_rank())
-    try:
-        train_set, val_set = build_datasets(cfg, args.num_classes is not None)
+        device = setup(cfg)
+        out_dir = make_output_dir(cfg)
+        torch.manual_seed(cfg.seed + distributed.get_rank())
+        train_set, val_set = build_datasets(cfg)
+        cfg = fit_num_classes(cfg, (train_set, val_set), args.num_classes is not None)
         model, criterion, postprocess = build(cfg)   # may load --backbone_weights
+        model.to(device)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        # fp16 needs loss scaling (its range ends at 65504); bf16 has float32's range and needs none
+        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        if ckpt is not None:
+            load_weights(cfg.resume, ckpt, model, cfg)
+            if not cfg.eval:
+                load_training_state(cfg.resume, ckpt, cfg, optimizer, scheduler, scaler)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         sys.exit(f"error: {err}")
-    model.to(device)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if distributed.is_dist():
+    raw_model, n_parameters = model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if distributed.is_dist():   # DDP: backward() all-reduces the gradients over the ranks
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer, scheduler = build_optimizer(unwrap(model), cfg)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    epoch, step = cfg.start_epoch, 0
-    if ckpt is not None:
-        try:
-            epoch, step = load_resume(cfg.resume, ckpt, model, None if cfg.eval else optimizer,
-                                      scheduler, scaler, cfg)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        del ckpt
-    if main_process:
+    if distributed.is_main_process():
         print(f"minidetr: variant {cfg.variant}{' + dn' if cfg.dn and cfg.variant != 'dn' else ''}, "
-              f"preset {cfg.preset}, {n_parameters:,} trainable parameters, "
-              f"{len(val_set)} val images" + ("" if train_set is None else f", {len(train_set)} train images"))
+              f"preset {cfg.preset}, {n_parameters:,} trainable parameters, {len(val_set)} val images"
+              + ("" if train_set is None else f", {len(train_set)} train images"))
 
     def run_eval():
         # the val transforms draw from torch's generator: fork it, so whether an evaluation ran
@@ -161,85 +84,103 @@ def main(argv=None):
 
     if cfg.eval:
         result = run_eval()
-        if main_process:
+        if distributed.is_main_process():
             print(f"COCO bbox: {format_stats(result['stats'])}")
         distributed.cleanup()
         return result
 
-    train_seeded = SeededDataset(train_set, cfg.seed)
-    steps_per_epoch = -(-len(train_set) // (cfg.batch_size * distributed.get_world_size()))
-    global_step = epoch * steps_per_epoch + step
-    result = None
-    start_time = time.time()
-    if cfg.max_steps and global_step >= cfg.max_steps:   # resumed at the budget: train no more
-        if main_process:
-            print(f"nothing to train: the checkpoint is at step {global_step}, --max_steps is {cfg.max_steps}")
-        epoch = cfg.epochs
-    with StopRequest() as stop:
-        while epoch < cfg.epochs:
-            loader = make_loader(train_seeded, cfg, epoch, train=True, skip_batches=step)
-
-            def on_step(s):
-                return not (cfg.max_steps and global_step + s - step >= cfg.max_steps)
-            try:
-                train_stats, new_step, stopped = train_one_epoch(
-                    model, criterion, loader, optimizer, device, epoch, cfg, scaler,
-                    start_step=step, stop=stop, on_step=on_step)
-            except NonFiniteLossError as err:
-                sys.exit(f"error: {err}")
-            global_step += new_step - step
-            step = new_step
-            finished_epoch = step >= steps_per_epoch
-            if finished_epoch:
+    # ---- the training loop ----
+    epoch, step = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
+    del ckpt
+    result, start_time = None, time.time()
+    with TrainingProgress(cfg, train_set, epoch, step) as progress:   # exact resume, Ctrl-C, max_steps
+        while progress.epoch < cfg.epochs:
+            model.train()
+            meter = LossMeter()
+            for images, mask, targets in progress.batches():
+                images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                targets = move_targets(targets, device)
+                # forward under autocast (AMP); targets are read by denoising only
+                with torch.autocast(device.type, dtype=AMP_DTYPE[cfg.amp], enabled=cfg.amp != "none"):
+                    outputs = model(images, mask, targets)
+                losses = criterion(outputs, targets)             # float32: outside autocast
+                loss = total_loss(losses, criterion.weight_dict)
+                if not torch.isfinite(loss):                     # stop before any update
+                    sys.exit(f"error: {non_finite_message(losses, progress.epoch, progress.step)}")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()                              # DDP all-reduces the gradients here
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)                   # clip the true gradients
+                if cfg.clip_max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)                       # skipped if fp16 overflowed
+                    scaler.update()
+                meter.add(loss, losses, criterion.weight_dict)   # on the device: no sync
+                if cfg.log_every and (progress.global_step + 1) % cfg.log_every == 0 \
+                        and distributed.is_main_process():
+                    print(f"step {progress.global_step + 1}: loss {loss.item():.6f}", flush=True)
+            train_stats = meter.averages(optimizer.param_groups[0]["lr"])
+            finished = progress.end_epoch()
+            if finished:
                 scheduler.step()
-                epoch, step = epoch + 1, 0
-            rngs = distributed.all_gather_object(rng_state())   # a collective: every rank
-            if out_dir:
-                save_checkpoint(os.path.join(out_dir, "checkpoint.pth"), model, optimizer, scheduler,
-                                scaler, cfg, epoch, step, rngs)
-                if finished_epoch:
-                    rotate_checkpoints(out_dir, epoch, cfg.keep_checkpoints)
-            if stop.should_stop():
-                if main_process:
-                    path = os.path.join(out_dir, "checkpoint.pth") if out_dir else ""
-                    print(f"interrupted: saved epoch {epoch} step {step} to {path}; continue with "
-                          f"--resume {path}" if path else "interrupted (no --output_dir: nothing saved)")
+            progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished)
+            if progress.stop.should_stop():
+                interrupted(progress, out_dir)
                 break
-            last = epoch >= cfg.epochs or stopped
-            if finished_epoch and (epoch % cfg.eval_every == 0 or last) or last:
+            if progress.should_evaluate(finished):
                 result = run_eval()
                 log = {**{f"train_{k}": v for k, v in train_stats.items()},
                        **{f"test_{k}": v for k, v in result["losses"].items()},
-                       "test_coco_eval_bbox": result["stats"], "epoch": epoch - 1 if finished_epoch else epoch,
-                       "step": global_step, "n_parameters": n_parameters,
+                       "test_coco_eval_bbox": result["stats"],
+                       "epoch": progress.epoch - 1 if finished else progress.epoch,
+                       "step": progress.global_step, "n_parameters": n_parameters,
                        "epoch_time": round(time.time() - start_time, 1)}
-                if main_process:
-                    print(f"epoch {log['epoch']} step {global_step}: loss {train_stats['loss']:.3f}  "
-                          f"{format_stats(result['stats'])}", flush=True)
-                    if out_dir:
-                        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-                            f.write(json.dumps(log) + "\n")
-            if stopped:
+                write_log(log, train_stats, result, out_dir)
+            if progress.ended_early:
                 break
     distributed.cleanup()
     return result
 
 
-def rotate_checkpoints(out_dir, epoch, keep):
-    """Copy checkpoint.pth to checkpoint_eEEEE.pth, then drop the copies of epochs <= epoch - keep.
+def setup(cfg):
+    """The device this process trains on (joining torchrun's process group, if any)."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}, but this torch sees no CUDA device; use --device cpu")
+    return distributed.init_distributed(cfg.device)
 
-    The copy goes through a temporary name too: a crash leaves no half-written epoch file.
-    """
-    if keep <= 1:
+
+def make_output_dir(cfg):
+    """--output_dir, created; '' on ranks other than 0 and when only evaluating (nothing written)."""
+    out_dir = cfg.output_dir if distributed.is_main_process() and not cfg.eval else ""
+    if out_dir:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create --output_dir {out_dir}: {err.strerror}") from None
+    return out_dir
+
+
+def write_log(log, train_stats, result, out_dir):
+    """Rank 0: one line on the terminal, one JSON line in log.txt (official DETR's keys)."""
+    if not distributed.is_main_process():
         return
-    import shutil
-    target = os.path.join(out_dir, f"checkpoint_e{epoch:04d}.pth")
-    shutil.copyfile(os.path.join(out_dir, "checkpoint.pth"), target + ".tmp")
-    os.replace(target + ".tmp", target)
-    for name in os.listdir(out_dir):
-        old = re.fullmatch(r"checkpoint_e(\d+)\.pth", name)
-        if old and int(old.group(1)) <= epoch - keep:
-            os.remove(os.path.join(out_dir, name))
+    print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
+          f"{format_stats(result['stats'])}", flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(log) + "\n")
+
+
+def interrupted(progress, out_dir):
+    if distributed.is_main_process():
+        path = os.path.join(out_dir, "checkpoint.pth") if out_dir else ""
+        print(f"interrupted: saved epoch {progress.epoch} step {progress.step} to {path}; continue "
+              f"with --resume {path}" if path else "interrupted (no --output_dir: nothing saved)")
 
 
 def run_rank(argv=None):

@@ -13,9 +13,10 @@ the pixels show, only the number of objects (the matcher's and the losses' work)
 4 per tiny image, 7 per paper image (COCO train2017 has ~7.3 per image).
 
 What one measurement is:
-  - training step: engine.train_one_epoch (train.py's loop) over the same batch already on
-    the device: forward under autocast, the set criterion with its Hungarian matching,
-    backward, gradient clipping, AdamW step, and the loop's own bookkeeping. Time between
+  - training step: the statements of train.py's loop (`train_step` below) over the same
+    batch already on the device: forward under autocast, the set criterion with its
+    Hungarian matching, backward, gradient clipping, AdamW step, and the loop's own
+    bookkeeping (the finiteness check, LossMeter). Time between
     consecutive steps (time.perf_counter, torch.cuda.synchronize on a GPU); the first
     `warmup` steps dropped, the median of the next `iters` reported.
   - matcher share: criterion.matcher wrapped so every HungarianMatcher call is timed
@@ -50,8 +51,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.py (helpers)
 from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
 from minidetr import Config, build                                # noqa: E402
-from minidetr.engine import build_optimizer, train_one_epoch       # noqa: E402
+from minidetr.engine import LossMeter, build_optimizer, non_finite_message  # noqa: E402
 from minidetr.evaluation import autocast                          # noqa: E402
+from minidetr.losses import total_loss                            # noqa: E402
 
 VARIANTS = ("detr", "conditional", "smca", "dn")
 OBJECTS = {"tiny": 4, "paper": 7}
@@ -178,16 +180,16 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
     out["infer_img_s"] = batch / statistics.median(times[warmup:])
     out["infer_mem_mib"] = peak_memory_mib(device)
 
-    # Training: train.py's loop over the same batch; on_step stamps the end of every step.
+    # Training: train.py's loop over the same batch; a stamp at the end of every step.
     reset_peak(device)
     stamps, matcher = [time.perf_counter()], [0.0]
-
-    def on_step(step):
+    model.train()
+    meter = LossMeter()
+    for step in range(warmup + iters):
+        train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, device, meter, step)
         sync(device)
         stamps.append(time.perf_counter())
         matcher.append(criterion.matcher.seconds)
-    train_one_epoch(model, criterion, [(images, mask, targets)] * (warmup + iters), optimizer, device,
-                    0, cfg, scaler, on_step=on_step)
     steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
     matcher_steps = [b - a for a, b in zip(matcher, matcher[1:])][warmup:]
     out["step_ms"] = 1000 * statistics.median(steps)
@@ -201,13 +203,37 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
 
         def train_step():
             losses = criterion(model(images, mask, targets), targets)
-            sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+            total_loss(losses, criterion.weight_dict).backward()
         model.eval()
         out["fwd_flops_per_img"] = count_flops(infer) / batch
         model.train()
         out["train_flops_per_img"] = count_flops(train_step) / batch
         optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, device, meter, step):
+    """One step of train.py's loop, statement for statement (kept in step with it)."""
+    with autocast(device, cfg.amp):
+        outputs = model(images, mask, targets)
+    losses = criterion(outputs, targets)
+    loss = total_loss(losses, criterion.weight_dict)
+    if not torch.isfinite(loss):
+        raise RuntimeError(non_finite_message(losses, 0, step))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    meter.add(loss, losses, criterion.weight_dict)
 
 
 def describe_machine(device):

@@ -57,7 +57,7 @@ def main(argv=None):
 
     cfg = Config.for_variant(opt.variant, "tiny", seed=opt.seed)
     torch.manual_seed(cfg.seed)                 # as train.py: seed, datasets, then the model
-    build_datasets(cfg, False)
+    build_datasets(cfg)
     model = build(cfg)[0]
     ours = model.state_dict()
 

@@ -58,6 +58,13 @@ def load_safely(path, map_location="cpu"):
         raise ValueError(f"cannot read checkpoint {path!r}: {err}") from None
 
 
+def is_official_checkpoint(ckpt):
+    """A loaded file saved by a reference codebase: 'args', or weights under official names."""
+    if not isinstance(ckpt, dict) or "config" in ckpt:
+        return False
+    return "args" in ckpt or any(k.startswith("transformer.") for k in ckpt.get("model", {}))
+
+
 # ---- random state, so a resumed run continues exactly ----
 
 def rng_state():

@@ -44,7 +44,8 @@ from torch import nn
 
 from minidetr.backbone import sine_embed
 from minidetr.box_ops import inverse_sigmoid
-from minidetr.transformer import MLP, FeedForward, attention, cat_heads, clones, xavier_init
+from minidetr.transformer import (MLP, Encoder, EncoderLayer, FeedForward, attention, cat_heads, clones,
+                                  xavier_init)
 
 
 # ---- sine embedding of points and boxes ----
@@ -95,8 +96,6 @@ class ConditionalDecoderLayer(nn.Module):
 
     def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu", is_first=False):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by nheads {heads}")
         self.heads, self.is_first = heads, is_first
         # self-attention: separate content / position projections, summed (DETR-like)
         self.sa_qcontent_proj, self.sa_qpos_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -155,10 +154,10 @@ class ConditionalQueries(nn.Module):
         self.ref_point_head = MLP(dim, dim, 2, 2)
 
     def forward(self, batch_size):
-        """Returns tgt zeros [B, Q, C], query_pos [B, Q, C], ref_points [B, Q, 2] (x, y) in (0, 1)."""
+        """-> dict(tgt zeros [B, Q, C], query_pos [B, Q, C], ref_points [B, Q, 2] (x, y) in (0, 1))."""
         query_pos = repeat(self.query_embed.weight, 'q c -> b q c', b=batch_size)
         ref_points = self.ref_point_head(query_pos).sigmoid()           # (C1)
-        return torch.zeros_like(query_pos), query_pos, ref_points
+        return dict(tgt=torch.zeros_like(query_pos), query_pos=query_pos, ref_points=ref_points)
 
     def from_boxes(self, boxes):
         """Queries for given boxes [B, P, 4] cxcywh in [0, 1] (denoising): no parameters.
@@ -166,10 +165,10 @@ class ConditionalQueries(nn.Module):
         The reference point is the box centre and its positional query PE(centre) (C2),
         the encoding a learned query's reference would get. No reference codebase feeds
         denoising queries to Conditional DETR; this is the natural plug.
-        Returns (query_pos [B, P, C], ref_points [B, P, 2]).
+        Returns dict(query_pos [B, P, C], ref_points [B, P, 2]).
         """
         centres = boxes[..., :2]
-        return position_sine_embed(centres, self.dim), centres
+        return dict(query_pos=position_sine_embed(centres, self.dim), ref_points=centres)
 
 
 class ConditionalDecoder(nn.Module):
@@ -186,8 +185,7 @@ class ConditionalDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.query_scale = MLP(dim, dim, dim, 2)              # lambda_q = FFN(f), (C3)
 
-    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points,
-                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points, self_attn_mask=None):
         point_embed = position_sine_embed(ref_points, self.dim)        # (C2) p_s [B, Q, C]
         hs = []
         for i, layer in enumerate(self.layers):
@@ -203,6 +201,21 @@ class ConditionalDecoder(nn.Module):
 
 # ---- DAB-DETR / DN-DETR: 4-D anchor boxes refined layer by layer ----
 
+class ScaledPositionEncoder(Encoder):
+    """DETR's encoder stack, the positional encoding rescaled per channel before every layer
+    by an MLP of the current tokens: pos_l = pos * MLP(x_l) (DAB-DETR's encoder query_scale)."""
+
+    def __init__(self, layers, pos_scale):
+        super().__init__(layers)
+        self.pos_scale = pos_scale
+
+    def forward(self, src, pos, pad_mask):
+        """src, pos: [B, N, C]; pad_mask: [B, N]. Returns memory [B, N, C]."""
+        for layer in self.layers:
+            src = layer(src, pos * self.pos_scale(src), pad_mask)
+        return src
+
+
 class AnchorQueries(nn.Module):
     """Learned anchor boxes (DAB-DETR): refpoint_embed nn.Embedding(Q, 4) holds logit(x, y, w, h).
 
@@ -217,19 +230,19 @@ class AnchorQueries(nn.Module):
         self.refpoint_embed = nn.Embedding(num_queries, 4)
 
     def forward(self, batch_size):
-        """Returns tgt zeros [B, Q, C], query_pos None, ref_points [B, Q, 4] cxcywh in (0, 1)."""
+        """-> dict(tgt zeros [B, Q, C], ref_points [B, Q, 4] cxcywh in (0, 1)); no query_pos (D1)."""
         ref_points = repeat(self.refpoint_embed.weight.sigmoid(), 'q r -> b q r', b=batch_size)
         tgt = ref_points.new_zeros(batch_size, ref_points.shape[1], self.dim)
-        return tgt, None, ref_points
+        return dict(tgt=tgt, ref_points=ref_points)
 
     def from_boxes(self, boxes):
-        """Anchors for given boxes [B, P, 4] cxcywh in [0, 1]: (None, anchors [B, P, 4]).
+        """Anchors for given boxes [B, P, 4] cxcywh in [0, 1]: dict(ref_points=anchors [B, P, 4]).
 
         DN-DETR hands the decoder logit(box) (eps 1e-3), so the anchor it sees is
         sigmoid(logit(box)): equal to the box inside [1e-3, 1 - 1e-3], never exactly 0 or 1
         (a zero width would divide by zero in (D3)). The round trip keeps those numerics.
         """
-        return None, inverse_sigmoid(boxes, eps=1e-3).sigmoid()
+        return dict(ref_points=inverse_sigmoid(boxes, eps=1e-3).sigmoid())
 
 
 class AnchorDecoder(nn.Module):
@@ -260,9 +273,8 @@ class AnchorDecoder(nn.Module):
         y_part = y_part * (ref_wh[..., 1:] / anchors[..., 3:4])
         return torch.cat([y_part, x_part], dim=-1)
 
-    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos=None, ref_points,
-                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
-        """ref_points: [B, Q, 4] anchors cxcywh in (0, 1); query_pos is ignored (derived, D1)."""
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, ref_points, self_attn_mask=None):
+        """ref_points: [B, Q, 4] anchors cxcywh in (0, 1); the positional query is derived (D1)."""
         anchors = ref_points           # fed to the layer: detached after layer 0 (D4)
         box_anchors = ref_points       # for box_ref: keeps the gradient, as DAB-DETR returns it
         hs, box_ref = [], []
@@ -287,31 +299,59 @@ class AnchorDecoder(nn.Module):
 
 # ---- build ----
 
-def build_parts(cfg, bbox_embed):
-    """queries and decoder for cfg.variant 'conditional' or 'dn' (DAB-DETR anchors).
-
-    bbox_embed: the model's box head, shared with the anchor decoder for refinement.
-    Init as the references: xavier_uniform on every weight matrix of the decoder (DETR's
-    transformer init), but not on the learned queries nor on the box head (both live
-    outside the references' transformer and keep their own init).
-    Returns dict(queries=..., decoder=...).
-    """
-    dim = cfg.hidden_dim
-    # one layer deep-copied, as the references build the stack (equal biases in every layer);
-    # the copies after layer 0 then lose ca_qpos_proj, as the references delete it
-    layers = clones(ConditionalDecoderLayer(dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+def conditional_layers(cfg):
+    """The decoder stack of both: one layer deep-copied, as the references build it (equal
+    biases in every layer); the copies after layer 0 lose ca_qpos_proj, as the references delete it."""
+    layers = clones(ConditionalDecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
                                             cfg.activation, is_first=True), cfg.dec_layers)
     for later in layers[1:]:
         later.is_first, later.ca_qpos_proj = False, None
-    if cfg.variant == "conditional":
-        queries, decoder = ConditionalQueries(cfg.num_queries, dim), ConditionalDecoder(layers, dim)
-        xavier_init(decoder)
-        xavier_init(queries.ref_point_head)      # part of the reference's decoder
-    elif cfg.variant == "dn":
-        queries, decoder = AnchorQueries(cfg.num_queries, dim), AnchorDecoder(layers, dim, bbox_embed)
-        for child in decoder.children():
-            if child is not bbox_embed:
-                xavier_init(child)
-    else:
-        raise ValueError(f"conditional_attn builds 'conditional' or 'dn', not {cfg.variant!r}")
+    return layers
+
+
+def start_boxes_at_reference(bbox_embed):
+    """Zero the box head's last layer: every first box is its reference point or anchor (C5, D5)."""
+    nn.init.zeros_(bbox_embed.layers[-1].weight)
+    nn.init.zeros_(bbox_embed.layers[-1].bias)
+
+
+def build_conditional_parts(cfg, bbox_embed):
+    """Conditional DETR's queries and decoder (cfg.variant 'conditional'), with their init.
+
+    Init as the reference: xavier_uniform on every weight matrix of the decoder and of the
+    reference-point head (both in its transformer), not on the learned queries; the box head
+    keeps its own init, its last layer zeroed. Returns dict(queries=..., decoder=...).
+    """
+    start_boxes_at_reference(bbox_embed)
+    layers = conditional_layers(cfg)
+    queries = ConditionalQueries(cfg.num_queries, cfg.hidden_dim)
+    decoder = ConditionalDecoder(layers, cfg.hidden_dim)
+    xavier_init(decoder)
+    xavier_init(queries.ref_point_head)      # part of the reference's decoder
     return dict(queries=queries, decoder=decoder)
+
+
+def build_anchor_parts(cfg, bbox_embed):
+    """DAB-DETR's anchor queries and decoder (cfg.variant 'dab', and 'dn' = dab + denoising).
+
+    bbox_embed: the model's box head, shared with the anchor decoder for refinement (D4),
+    its last layer zeroed; xavier_uniform on the decoder's own weight matrices, as DAB-DETR's
+    transformer init, not on the anchors nor on the shared box head. Returns dict(queries, decoder).
+    """
+    start_boxes_at_reference(bbox_embed)
+    layers = conditional_layers(cfg)
+    queries = AnchorQueries(cfg.num_queries, cfg.hidden_dim)
+    decoder = AnchorDecoder(layers, cfg.hidden_dim, bbox_embed)
+    for child in decoder.children():
+        if child is not bbox_embed:
+            xavier_init(child)
+    return dict(queries=queries, decoder=decoder)
+
+
+def build_anchor_encoder(cfg):
+    """DETR's encoder with DAB-DETR's pos_scale (its encoder `query_scale`), xavier-initialised."""
+    pos_scale = MLP(cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2)   # drawn before the layers
+    layer = EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
+    encoder = ScaledPositionEncoder(clones(layer, cfg.enc_layers), pos_scale)
+    xavier_init(encoder)
+    return encoder

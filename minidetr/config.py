@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-VARIANTS = ("detr", "conditional", "smca", "dn")
+VARIANTS = ("detr", "conditional", "smca", "dab", "dn")   # dn = dab + denoising
 PRESETS = ("paper", "tiny")
 
 
@@ -30,9 +30,11 @@ def _f(default, help):
 @dataclass
 class Config:
     # ---- what to build ----
-    variant: str = _f("detr", "detr | conditional | smca | dn")
+    variant: str = _f("detr", "detr | conditional | smca | dab (DAB-DETR's anchor boxes) | "
+                              "dn (dab + query denoising: DN-DETR)")
     preset: str = _f("paper", "paper (the papers' COCO settings) | tiny (CPU, built-in dataset)")
-    dn: bool = _f(False, "query denoising in training (DN-DETR); any variant with reference points")
+    dn: bool = _f(False, "query denoising in training (DN-DETR): on for --variant dn, an add-on "
+                         "for conditional or dab (queries with a reference point or box)")
     num_classes: int = _f(91, "largest category id + 1 (COCO: 91, ids used raw as DETR does)")
     # ---- backbone ----
     backbone: str = _f("resnet50", "resnet18 | resnet34 | resnet50 | resnet101")
@@ -104,6 +106,8 @@ class Config:
     keep_checkpoints: int = _f(1, "keep the checkpoints of the last K epochs")
     max_steps: int = _f(0, "stop after this many optimiser steps (0 = no limit)")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
+    log_every: int = _f(50, "print the training loss every N steps (0 = only per epoch; "
+                            "each print waits for the device once)")
 
     @classmethod
     def for_variant(cls, variant="detr", preset="paper", **overrides):
@@ -124,14 +128,6 @@ class Config:
         cfg.validate()
         return cfg
 
-    @classmethod
-    def from_official_args(cls, args, variant, state_dict=None):
-        """The Config rebuilding a reference model from its argparse settings (an
-        argparse.Namespace or dict, as official checkpoints store under 'args').
-        variant: detr | conditional | smca | dn | dab. See minidetr/convert.py."""
-        from minidetr.convert import config_from_official_args
-        return config_from_official_args(args, variant, state_dict)
-
     def validate(self):
         """Stop early, with what to do, on settings that cannot work together."""
         if self.variant not in VARIANTS:
@@ -140,7 +136,7 @@ class Config:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads}")
         if self.dn and self.variant in ("detr", "smca"):
             raise ValueError(f"--dn needs queries that carry a reference box or point "
-                             f"(conditional or dn); {self.variant!r} has none")
+                             f"(conditional, dab or dn); {self.variant!r} has none")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"--amp must be none, bf16 or fp16, not {self.amp!r}")
         if self.smca_scale not in ("fixed", "shared", "xy"):
@@ -166,11 +162,13 @@ PAPER_DEFAULTS = {
     # gaopengcuhk/SMCA-DETR README command: --num_queries 300 --epochs 50 --lr_drop 40
     # --dynamic_scale type3 (our smca_scale 'xy'); ce weight 2 and top-k = num_queries
     "smca": dict(_FOCAL, cls_loss_coef=2.0, num_select=300, smca_scale="xy", smooth=8.0),
-    # FengLi-ust/DN-DETR dn_dab_detr: DAB-DETR's dropout 0, PReLU, PE temperature 20, ce 1,
-    # and its util/box_ops.py's GIoU with + 1e-6 in both denominators
-    "dn": dict(_FOCAL, cls_loss_coef=1.0, num_select=300, dropout=0.0, activation="prelu",
-               pe_temperature=20, dn=True, giou_eps=1e-6),
+    # IDEA-Research/DAB-DETR dab_detr: dropout 0, PReLU, PE temperature 20, ce 1, and its
+    # util/box_ops.py's GIoU with + 1e-6 in both denominators
+    "dab": dict(_FOCAL, cls_loss_coef=1.0, num_select=300, dropout=0.0, activation="prelu",
+                pe_temperature=20, giou_eps=1e-6),
 }
+# FengLi-ust/DN-DETR dn_dab_detr: DAB-DETR's recipe with denoising on
+PAPER_DEFAULTS["dn"] = dict(PAPER_DEFAULTS["dab"], dn=True)
 
 # ---- the tiny preset: CPU-sized, trained from scratch on the shapes dataset ----
 # Every choice below was measured on 2 CPU cores (benchmarks/RESULTS.md, "tuning the tiny
@@ -199,6 +197,7 @@ TINY_PER_VARIANT = {
     "detr": dict(num_queries=10, num_select=10, backbone_stage="layer3"),
     "conditional": dict(num_queries=40, num_select=40),
     "smca": dict(num_queries=40, num_select=40),
+    "dab": dict(num_queries=40, num_select=40),
     "dn": dict(num_queries=40, num_select=40),
 }
 

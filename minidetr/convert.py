@@ -33,7 +33,7 @@ tensor must be filled; otherwise ValueError names the keys. BatchNorm step count
 (num_batches_tracked) are dropped: a frozen BatchNorm has none.
 
 Variants: detr, conditional (alias cond), smca (single scale, any --dynamic_scale but type4),
-dn (DN-DETR's dn_dab_detr) and dab (DAB-DETR's dab_detr = our 'dn' model without denoising).
+dn (DN-DETR's dn_dab_detr) and dab (DAB-DETR's dab_detr = our 'dab': 'dn' without denoising).
 
     python -m minidetr.convert --variant detr --src detr-r50-e632da11.pth --dst detr-r50.pth
 """
@@ -45,7 +45,9 @@ import sys
 import torch
 
 from minidetr.backbone import RESNETS
+from minidetr.checkpoint import is_official_checkpoint, load_safely, save_atomic
 from minidetr.config import Config
+from minidetr.detr import build
 
 VARIANTS = {"detr": "detr", "conditional": "conditional", "cond": "conditional", "smca": "smca",
             "dn": "dn", "dab": "dab"}
@@ -146,7 +148,7 @@ def config_from_official_args(args, variant, state_dict=None):
     for k, v in settings.items():   # argparse defaults such as set_cost_class=1 are ints
         if types[k] in (float, "float") and v is not None:
             settings[k] = float(v)
-    return Config.for_variant("dn" if variant == "dab" else variant, "paper", **settings)
+    return Config.for_variant(variant, "paper", **settings)
 
 
 def infer_official_args(state_dict, variant):
@@ -252,7 +254,6 @@ def convert_official_checkpoint(state_dict, variant, cfg=None):
     variant = canonical_variant(variant)
     if cfg is None:
         cfg = config_from_official_args(infer_official_args(state_dict, variant), variant, state_dict)
-    from minidetr.detr import build   # here: detr.py imports config.py, which imports us lazily
     expected = build(cfg)[0].state_dict()
     ours, origin, unmapped = rename(state_dict, variant)
     unmapped += [origin[k] for k in ours if k not in expected]
@@ -289,13 +290,6 @@ def guess_variant(state_dict):
     return None
 
 
-def is_official_checkpoint(ckpt):
-    """A loaded file saved by a reference codebase: 'args', or weights under official names."""
-    if not isinstance(ckpt, dict) or "config" in ckpt:
-        return False
-    return "args" in ckpt or any(k.startswith("transformer.") for k in ckpt.get("model", {}))
-
-
 def convert_file(ckpt, variant, **overrides):
     """A loaded official checkpoint -> (Config, minidetr state_dict).
 
@@ -315,7 +309,6 @@ def convert_file(ckpt, variant, **overrides):
 
 
 def main(argv=None):
-    from minidetr.checkpoint import load_safely, save_atomic
     p = argparse.ArgumentParser("python -m minidetr.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="which reference saved --src")
     p.add_argument("--src", required=True, help="official checkpoint (.pth)")

@@ -399,3 +399,8 @@ def collate_fn(batch):
     images, targets = zip(*batch)
     padded, mask = nested_pad(list(images))
     return padded, mask, list(targets)
+
+
+def move_targets(targets, device):
+    """A batch's list of target dicts with every tensor on `device`."""
+    return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]

@@ -183,8 +183,8 @@ class Denoiser(nn.Module):
     """Builds DN-DETR's denoising queries from the targets, and the matching content query.
 
     Defaults are DN-DETR's: --scalar 5 groups, --label_noise_scale 0.2 (flip probability),
-    --box_noise_scale 0.4 (lambda1 = lambda2). The model calls forward only in training,
-    with targets; match_content always (training and inference).
+    --box_noise_scale 0.4 (lambda1 = lambda2). The model calls join before its decoder
+    (training and inference) and split after its heads; forward builds the noised queries.
     """
 
     def __init__(self, num_classes, hidden_dim, num_groups=5, label_noise_prob=0.2,
@@ -200,6 +200,35 @@ class Denoiser(nn.Module):
         """[B, Q, C] content of the matching queries: "unknown" embedding + indicator 0."""
         unknown = F.pad(self.label_enc.weight[self.num_classes], (0, 1), value=0.0)   # [C]
         return repeat(unknown, 'c -> b q c', b=batch_size, q=num_queries)
+
+    def join(self, queries, query_maker, targets=None):
+        """The decoder's queries with denoising: the one place where DN-DETR meets the model.
+
+        queries: the matching queries, dict(tgt [B, Q, C], and query_pos [B, Q, C] and/or
+        ref_points [B, Q, r]); query_maker: the model's queries module, whose from_boxes turns
+        the noised boxes into the same inputs (no parameters). The matching content becomes
+        the "unknown" class embedding (training and inference). With targets (training), the
+        dn queries go in front on the query axis, [dn groups (P) | matching (Q)], with the
+        attention mask that hides them from the matching queries and from each other.
+        Returns (queries, dn): the decoder's keyword inputs (+ self_attn_mask) and the
+        DenoisingQueries to split the outputs with, or None without targets.
+        """
+        batch_size, num_queries = queries["tgt"].shape[:2]
+        tgt = self.match_content(batch_size, num_queries).to(queries["tgt"].dtype)
+        queries = dict(queries, tgt=tgt)
+        if targets is None:
+            return queries, None
+        dn = self(targets)
+        dn_queries = dict(tgt=dn.content, **query_maker.from_boxes(dn.boxes))
+        joined = {k: torch.cat([dn_queries[k].to(v.dtype), v], dim=1) for k, v in queries.items()}
+        return dict(joined, self_attn_mask=dn.attn_mask(num_queries)), dn
+
+    @staticmethod
+    def split(dn, *outputs):
+        """The inverse of join's splice on head outputs [L, B, P + Q, *] (query axis 2):
+        -> (matching parts [L, B, Q, *], dn parts [L, B, P, *]), each a tuple like `outputs`."""
+        dn_parts, match_parts = zip(*(split_dn(x, dn.pad_size, dim=2) for x in outputs))
+        return match_parts, dn_parts
 
     def forward(self, targets, generator=None):
         """targets: list of B dicts with labels int64 [n_b], boxes [n_b, 4] cxcywh in [0, 1].

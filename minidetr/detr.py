@@ -9,7 +9,8 @@ arXiv 2005.12872) detects objects as a set prediction:
 
     (1) loss = sum over the Hungarian-matched pairs (see matcher.py, losses.py)
 
-The variants change only two parts, which `build` takes from the variant's module:
+The variants change only two parts, which `build` takes from the variant's module
+(VARIANT_BUILDERS below; detr.py never asks which variant it builds):
     queries  what a query is: a learned embedding (DETR, SMCA), an embedding plus a 2-D
              reference point (Conditional DETR), a learned 4-D anchor box (DN-DETR's DAB form)
     decoder  how a query looks at the memory (conditional spatial query, Gaussian prior, ...)
@@ -17,20 +18,34 @@ and, for SMCA's multi-scale form, the input projection and the encoder. Every de
 returns `box_ref`, what to add to the box head's logits before the sigmoid (the inverse-
 sigmoid reference point or anchor; None for DETR), so the box head here is the same for all.
 
-Denoising (DN-DETR) is an add-on: in training, noised copies of the ground truth are put in
-front of the matching queries, hidden from them by an attention mask, and split off again
-after the decoder into out['dn'], which the criterion supervises without matching.
+Denoising (DN-DETR) is an add-on, all in denoising.py: Denoiser.join puts noised copies of
+the ground truth in front of the matching queries in training, hidden from them by an
+attention mask, and Denoiser.split takes them off again after the heads into out['dn'],
+which the criterion supervises without matching. `--variant dn` is dab's model with it.
 """
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minidetr import box_ops
+from minidetr import box_ops, conditional_attn, smca, transformer
 from minidetr.backbone import Backbone, PositionEmbeddingSine, load_backbone_weights
 from minidetr.config import Config
-from minidetr.transformer import (MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, LearnedQueries,
-                                  clones, xavier_init)
+from minidetr.denoising import Denoiser
+from minidetr.losses import SetCriterion, build_weight_dict
+from minidetr.matcher import HungarianMatcher
+from minidetr.transformer import MLP
+
+# Each variant's module builds its parts with their inits: (queries and decoder, then the
+# encoder, built after the backbone as the references order their draws). dn is dab's
+# model; what denoising adds (cfg.dn) is denoising.Denoiser.
+VARIANT_BUILDERS = {
+    "detr": (transformer.build_parts, transformer.build_encoder),
+    "conditional": (conditional_attn.build_conditional_parts, transformer.build_encoder),
+    "smca": (smca.build_parts, transformer.build_encoder),
+    "dab": (conditional_attn.build_anchor_parts, conditional_attn.build_anchor_encoder),
+    "dn": (conditional_attn.build_anchor_parts, conditional_attn.build_anchor_encoder),
+}
 
 
 # ---- small parts shared by the variants ----
@@ -47,12 +62,6 @@ class LevelProjection(nn.Module):
         return [(proj(feat), mask) for proj, (feat, mask) in zip(self.proj, levels)]
 
 
-def unpadded_sizes(mask):
-    """mask [B, H, W] True on padding -> [B, 2] (w, h) of each image in pixels."""
-    real = ~mask
-    return torch.stack([real.any(1).sum(-1), real.any(2).sum(-1)], -1)
-
-
 # ---- the model ----
 
 class DETR(nn.Module):
@@ -64,15 +73,18 @@ class DETR(nn.Module):
         aux_outputs            the same two for decoder layers 0 .. L-2 (when aux_loss)
         dn                     training with denoising only: the denoising queries' outputs
     `targets` are read only in training with denoising (to build the noised queries).
+    encoder_inputs, decoder_inputs: None, or a function (mask, spatial_shapes) -> the extra
+    keyword inputs a variant's encoder or decoder reads (SMCA: the map layout).
     """
 
     def __init__(self, backbone, input_proj, pos_enc, encoder, queries, decoder, class_embed,
-                 bbox_embed, aux_loss=True, denoiser=None):
+                 bbox_embed, aux_loss=True, denoiser=None, encoder_inputs=None, decoder_inputs=None):
         super().__init__()
         self.backbone, self.input_proj, self.pos_enc = backbone, input_proj, pos_enc
         self.encoder, self.queries, self.decoder = encoder, queries, decoder
         self.class_embed, self.bbox_embed = class_embed, bbox_embed
         self.aux_loss, self.denoiser = aux_loss, denoiser
+        self.encoder_inputs, self.decoder_inputs = encoder_inputs, decoder_inputs
 
     def encode(self, images, mask):
         """-> memory [B, N, D], pos [B, N, D], pad_mask [B, N], spatial_shapes [(y, x), ...]."""
@@ -85,38 +97,26 @@ class DETR(nn.Module):
             poss.append(rearrange(pos, 'b c y x -> b (y x) c'))
             pads.append(rearrange(level_mask, 'b y x -> b (y x)'))
         src, pos, pad_mask = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)
-        return self.encoder(src, pos, pad_mask, shapes), pos, pad_mask, shapes
+        extra = self.encoder_inputs(mask, shapes) if self.encoder_inputs else {}
+        return self.encoder(src, pos, pad_mask, **extra), pos, pad_mask, shapes
 
     def forward(self, images, mask, targets=None):
         memory, pos, pad_mask, shapes = self.encode(images, mask)
-        tgt, query_pos, ref_points = self.queries(images.shape[0])
-        num_queries, dn, self_attn_mask = tgt.shape[1], None, None
-        if self.denoiser is not None:
-            tgt = self.denoiser.match_content(images.shape[0], num_queries).to(tgt.dtype)
-            if self.training:
-                if targets is None:
-                    raise ValueError("training with denoising needs the targets: model(images, mask, targets)")
-                dn = self.denoiser(targets)
-                dn_pos, dn_ref = self.queries.from_boxes(dn.boxes)
-                # one decoder pass over [denoising groups | matching queries]
-                tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
-                query_pos = None if query_pos is None else torch.cat([dn_pos.to(query_pos.dtype), query_pos], 1)
-                ref_points = torch.cat([dn_ref.to(ref_points.dtype), ref_points], 1)
-                self_attn_mask = dn.attn_mask(num_queries)
-        hs, box_ref = self.decoder(tgt, memory, memory_pos=pos, pad_mask=pad_mask,
-                                   query_pos=query_pos, ref_points=ref_points,
-                                   self_attn_mask=self_attn_mask, spatial_shapes=shapes,
-                                   image_sizes=unpadded_sizes(mask))
-        logits, boxes = self.heads(hs, box_ref)                            # [L, B, Q', *]
+        queries = self.queries(images.shape[0])       # dict: tgt, and query_pos and/or ref_points
+        dn = None
+        if self.denoiser is not None:                 # [dn groups | matching queries], masked
+            queries, dn = self.denoiser.join(queries, self.queries, targets if self.training else None)
+        extra = self.decoder_inputs(mask, shapes) if self.decoder_inputs else {}
+        hs, box_ref = self.decoder(memory=memory, memory_pos=pos, pad_mask=pad_mask, **queries, **extra)
+        logits, boxes = self.predict(hs, box_ref)                          # [L, B, Q', *]
         if dn is None:
             return self._pack(logits, boxes)
-        p = dn.pad_size
-        out = self._pack(logits[:, :, p:], boxes[:, :, p:])
-        out["dn"] = self._pack(logits[:, :, :p], boxes[:, :, :p])
-        out["dn"].update(indices=dn.indices, num_dn=dn.num_dn)
+        (logits, boxes), (dn_logits, dn_boxes) = self.denoiser.split(dn, logits, boxes)
+        out = self._pack(logits, boxes)
+        out["dn"] = dict(self._pack(dn_logits, dn_boxes), indices=dn.indices, num_dn=dn.num_dn)
         return out
 
-    def heads(self, hs, box_ref):
+    def predict(self, hs, box_ref):
         """hs [L, B, Q, D] -> logits [L, B, Q, K], boxes [L, B, Q, 4] sigmoid cxcywh.
 
         With a reference (point or anchor, as logits) the box head predicts an offset from
@@ -174,59 +174,36 @@ class PostProcess(nn.Module):
 
 # ---- build ----
 
-def _variant_parts(cfg, bbox_embed):
-    """The queries and decoder (and, for multi-scale SMCA, encoder and projection) of a variant."""
-    if cfg.variant in ("conditional", "dn"):
-        from minidetr import conditional_attn
-        return conditional_attn.build_parts(cfg, bbox_embed)
-    if cfg.variant == "smca":
-        from minidetr import smca
-        return smca.build_parts(cfg, bbox_embed)
-    layers = clones(DecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
-                                 cfg.activation), cfg.dec_layers)
-    decoder = Decoder(layers, cfg.hidden_dim)
-    xavier_init(decoder)
-    return dict(queries=LearnedQueries(cfg.num_queries, cfg.hidden_dim), decoder=decoder)
-
-
 def build(cfg="detr", preset="paper", **overrides):
-    """-> (model, criterion, postprocess) for a Config, or for a variant name + preset + overrides."""
-    from minidetr.losses import SetCriterion, build_weight_dict
-    from minidetr.matcher import HungarianMatcher
+    """-> (model, criterion, postprocess) for a Config, or for a variant name + preset + overrides.
+
+    A Config is validated where it is made (Config.for_variant, eval.py's load); build reads it.
+    """
     if isinstance(cfg, str):
         cfg = Config.for_variant(cfg, preset, **overrides)
-    cfg.validate()
+    build_parts, build_encoder = VARIANT_BUILDERS[cfg.variant]
     focal = cfg.focal_alpha is not None
     num_logits = cfg.num_classes if focal else cfg.num_classes + 1   # + DETR's no-object class
     class_embed = nn.Linear(cfg.hidden_dim, num_logits)
     bbox_embed = MLP(cfg.hidden_dim, cfg.hidden_dim, 4, 3)
     if focal:  # prior 0.01 for every class (RetinaNet's trick, used by all focal variants)
         nn.init.constant_(class_embed.bias, -torch.log(torch.tensor((1 - 0.01) / 0.01)).item())
-    if cfg.variant in ("conditional", "dn"):  # start every box at its reference point
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
 
-    parts = _variant_parts(cfg, bbox_embed)
+    parts = build_parts(cfg, bbox_embed)
     backbone = Backbone(cfg.backbone, frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem,
                         train_backbone=cfg.lr_backbone > 0, dilation=cfg.dilation,
                         return_layers=parts.get("return_layers", (cfg.backbone_stage,)))
     if cfg.backbone_weights:
         load_backbone_weights(backbone, cfg.backbone_weights)
     input_proj = parts.get("input_proj") or LevelProjection(backbone.num_channels, cfg.hidden_dim)
-    encoder = parts.get("encoder")
-    if encoder is None:
-        pos_scale = MLP(cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, 2) if cfg.variant == "dn" else None
-        layer = EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
-        encoder = Encoder(clones(layer, cfg.enc_layers), pos_scale)
-        xavier_init(encoder)
-    denoiser = None
-    if cfg.dn:
-        from minidetr.denoising import Denoiser
-        denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, num_groups=cfg.scalar,
-                            label_noise_prob=cfg.label_noise_scale, box_noise_scale=cfg.box_noise_scale)
+    encoder = parts.get("encoder") or build_encoder(cfg)
+    denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, num_groups=cfg.scalar,
+                        label_noise_prob=cfg.label_noise_scale,
+                        box_noise_scale=cfg.box_noise_scale) if cfg.dn else None
     model = DETR(backbone, input_proj, PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.pe_temperature),
                  encoder, parts["queries"], parts["decoder"], class_embed, bbox_embed,
-                 aux_loss=cfg.aux_loss, denoiser=denoiser)
+                 aux_loss=cfg.aux_loss, denoiser=denoiser, encoder_inputs=parts.get("encoder_inputs"),
+                 decoder_inputs=parts.get("decoder_inputs"))
 
     matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou,
                                focal_alpha=cfg.focal_alpha, giou_eps=cfg.giou_eps)

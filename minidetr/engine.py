@@ -1,35 +1,31 @@
-"""The training loop's parts: optimiser, deterministic resumable data order, one epoch.
+"""What train.py's loop stands on: optimiser, datasets, and exact resume.
 
-train.py strings these together; they live here so tests and benchmarks can run the very
-same loop. Two properties matter beyond getting the numbers right:
+train.py holds the loop itself (data -> forward -> loss -> backward -> clip -> step -> log);
+everything here is what that loop calls. Two properties matter beyond getting the numbers right:
 
-- Determinism across interruption. The data order of epoch e is a permutation seeded by
-  (seed, e); each sample's augmentation draws from a generator seeded by (seed, e, index);
-  the loader's worker seeds come from its own generator. A checkpoint stores the model,
-  optimiser, scheduler, scaler, every rank's global RNG (dropout, denoising noise) and how
-  many batches of the epoch were done, so a resumed run continues with exactly the batches
-  and random numbers an uninterrupted run would have used.
+- Determinism across interruption (`TrainingProgress`). The data order of epoch e is a
+  permutation seeded by (seed, e); each sample's augmentation draws from a generator seeded
+  by (seed, e, index); the loader's worker seeds come from its own generator. A checkpoint
+  stores the model, optimiser, scheduler, scaler, every rank's global RNG (dropout,
+  denoising noise) and how many batches of the epoch were done, so a resumed run continues
+  with exactly the batches and random numbers an uninterrupted run would have used.
 - Nothing silently wrong. A non-finite loss stops training with the epoch, the step and
   the loss terms that went non-finite, before the optimiser touches the weights.
 """
-import math
+import dataclasses
 import os
+import re
+import shutil
 import signal
 import time
-from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from tqdm import tqdm
 
 from minidetr import distributed
+from minidetr.checkpoint import is_official_checkpoint, load_safely, rng_state, save_atomic, set_rng_state
 from minidetr.data import (CocoDetection, build_dataset, collate_fn, default_shapes_root,
                            make_shapes_dataset, make_transforms)
-from minidetr.evaluation import autocast, move_targets
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class DataError(RuntimeError):
@@ -63,33 +59,44 @@ def build_optimizer(model, cfg):
 
 # ---- datasets ----
 
-def build_datasets(cfg, num_classes_given):
-    """(train, val) datasets; checks num_classes against the largest category id."""
+def build_datasets(cfg):
+    """(train, val) datasets: COCO, a custom COCO-format pair, or the built-in shapes.
+
+    train is None with cfg.eval. The class count they need is checked by `fit_num_classes`.
+    """
     if cfg.coco_path or cfg.train_json or cfg.val_json:
         train = None if cfg.eval else build_dataset(
             "train", coco_path=cfg.coco_path, json_file=cfg.train_json,
             image_folder=cfg.train_images, preset=cfg.preset, image_size=cfg.image_size)
         val = build_dataset("val", coco_path=cfg.coco_path, json_file=cfg.val_json,
                             image_folder=cfg.val_images, preset=cfg.preset, image_size=cfg.image_size)
-    else:
-        root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
-        if distributed.is_main_process():      # one writer; the others wait for it
-            paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-        distributed.barrier()
-        paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-        train = CocoDetection(paths["train_images"], paths["train_json"],
-                              make_transforms("train", cfg.preset, cfg.image_size))
-        val = CocoDetection(paths["val_images"], paths["val_json"],
-                            make_transforms("val", cfg.preset, cfg.image_size))
-    # a label >= num_classes would index past the classifier (or be read as "no object")
-    largest = max((d for d in (train, val) if d is not None), key=lambda d: d.num_classes_needed)
-    needed = largest.num_classes_needed
-    if cfg.num_classes < needed:
-        if num_classes_given:
-            raise ValueError(f"--num_classes {cfg.num_classes} is smaller than the largest category "
-                             f"id + 1 = {needed} in {largest.ann_file}; pass --num_classes {needed} or more")
-        cfg.num_classes = needed
+        return train, val
+    root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
+    if distributed.is_main_process():      # one writer; the others wait for it
+        make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+    distributed.barrier()
+    paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+    train = CocoDetection(paths["train_images"], paths["train_json"],
+                          make_transforms("train", cfg.preset, cfg.image_size))
+    val = CocoDetection(paths["val_images"], paths["val_json"],
+                        make_transforms("val", cfg.preset, cfg.image_size))
     return train, val
+
+
+def fit_num_classes(cfg, datasets, num_classes_given):
+    """cfg, or a copy with num_classes = the largest category id + 1 the datasets hold.
+
+    A label >= num_classes would index past the classifier (or be read as "no object"):
+    a --num_classes the user gave that is too small is an error, the preset's is raised.
+    """
+    largest = max((d for d in datasets if d is not None), key=lambda d: d.num_classes_needed)
+    needed = largest.num_classes_needed
+    if cfg.num_classes >= needed:
+        return cfg
+    if num_classes_given:
+        raise ValueError(f"--num_classes {cfg.num_classes} is smaller than the largest category "
+                         f"id + 1 = {needed} in {largest.ann_file}; pass --num_classes {needed} or more")
+    return dataclasses.replace(cfg, num_classes=needed)
 
 
 # ---- deterministic, resumable data order ----
@@ -187,72 +194,189 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-# ---- one epoch ----
+# ---- checkpoints: what a run saves, and what it checks before resuming ----
 
-def check_finite(losses, total, epoch, step):
-    if not torch.isfinite(total):
-        bad = sorted(k for k, v in losses.items() if not torch.isfinite(v).all())
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad) or 'the weighted sum'} "
+# settings that decide the model's weights and what they mean: a checkpoint cannot continue
+# under others (num_classes is checked once the dataset has set it)
+MODEL_KEYS = ("variant", "preset", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim",
+              "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
+              "smca_scale", "smca_multiscale")
+
+
+def read_resume(path, cfg):
+    """Load --resume and check it fits this run's model; ValueError says what to do if not.
+
+    Runs before the dataset and the model are built, so a wrong file stops the run at once.
+    """
+    ckpt = load_safely(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
+    if is_official_checkpoint(ckpt):   # its weights have the reference's names, not ours
+        raise ValueError(f"{path} is an official DETR-family checkpoint; convert it first: python -m "
+                         f"minidetr.convert --variant {cfg.variant} --src {path} --dst converted.pth, "
+                         f"then --resume converted.pth")
+    check_same_settings(path, ckpt, cfg, MODEL_KEYS)
+    return ckpt
+
+
+def check_same_settings(path, ckpt, cfg, keys):
+    saved = ckpt.get("config", {})
+    for key in keys:
+        if key in saved and saved[key] != getattr(cfg, key, None):
+            raise ValueError(f"{path} was trained with --{key} {saved[key]!r} but this run has "
+                             f"{getattr(cfg, key, None)!r}; pass the same settings to resume")
+
+
+def load_weights(path, ckpt, model, cfg):
+    """model.load_state_dict(ckpt['model']), a mismatch told as what to do (ValueError)."""
+    check_same_settings(path, ckpt, cfg, ("num_classes",))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
+        detail = " ".join(str(err).split())   # torch lists every key: keep the start
+        raise ValueError(f"the weights in {path} do not fit this model; resume with the settings "
+                         f"it was trained with ({detail[:240]}{'...' * (len(detail) > 240)})") from None
+
+
+def load_training_state(path, ckpt, cfg, optimizer, scheduler, scaler):
+    """Optimiser, scheduler, scaler and this rank's RNG from a checkpoint read by read_resume."""
+    if ckpt.get("step", 0):
+        # mid-epoch, `step` counts batches of this size on this many ranks
+        check_same_settings(path, ckpt, cfg, ("batch_size",))
+        if ckpt.get("world_size", 1) != distributed.get_world_size():
+            raise ValueError(f"{path} stopped mid-epoch with {ckpt.get('world_size', 1)} process(es) "
+                             f"but this run has {distributed.get_world_size()}; resume with as many, "
+                             f"or from an end-of-epoch checkpoint_eNNNN.pth")
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:   # one state per rank (a world of another size: from an epoch's end)
+            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            set_rng_state(rngs[distributed.get_rank() % len(rngs)])
+
+
+def rotate_checkpoints(out_dir, epoch, keep):
+    """Copy checkpoint.pth to checkpoint_eEEEE.pth, then drop the copies of epochs <= epoch - keep.
+
+    The copy goes through a temporary name too: a crash leaves no half-written epoch file.
+    """
+    if keep <= 1:
+        return
+    target = os.path.join(out_dir, f"checkpoint_e{epoch:04d}.pth")
+    shutil.copyfile(os.path.join(out_dir, "checkpoint.pth"), target + ".tmp")
+    os.replace(target + ".tmp", target)
+    for name in os.listdir(out_dir):
+        old = re.fullmatch(r"checkpoint_e(\d+)\.pth", name)
+        if old and int(old.group(1)) <= epoch - keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+# ---- where training stands, and how it continues exactly ----
+
+class TrainingProgress:
+    """Epoch, step and global step of a run, and the exact-resume machinery around them.
+
+    batches() yields the epoch's remaining batches in their seeded order (a resumed run
+    skips the ones done) and ends early, at a step boundary, when a stop is requested
+    (SIGINT/SIGTERM, agreed over ranks) or max_steps is reached. end_epoch() moves on,
+    save() writes model, optimiser, scheduler, scaler and every rank's RNG state.
+    Use as a context manager: it installs the signal handlers for the run.
+    """
+
+    def __init__(self, cfg, train_set, epoch=0, step=0):
+        self.cfg, self.data = cfg, SeededDataset(train_set, cfg.seed)
+        self.steps_per_epoch = -(-len(train_set) // (cfg.batch_size * distributed.get_world_size()))
+        self.epoch, self.step = epoch, step
+        self.global_step = epoch * self.steps_per_epoch + step
+        self.stop, self.ended_early = StopRequest(), False
+        if cfg.max_steps and self.global_step >= cfg.max_steps:   # resumed at the budget
+            self.epoch = cfg.epochs
+            if distributed.is_main_process():
+                print(f"nothing to train: the checkpoint is at step {self.global_step}, "
+                      f"--max_steps is {cfg.max_steps}")
+
+    def __enter__(self):
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.__exit__(*exc)
+
+    def batches(self):
+        """This epoch's remaining batches; checked for a stop before each, counted after each."""
+        loader = make_loader(self.data, self.cfg, self.epoch, train=True, skip_batches=self.step)
+        for batch in loader:
+            # before each step, so a Ctrl-C during an evaluation also stops before the next one
+            if self.stop.should_stop():
+                self.ended_early = True
+                return
+            yield batch
+            self.step, self.global_step = self.step + 1, self.global_step + 1
+            if self.cfg.max_steps and self.global_step >= self.cfg.max_steps:
+                self.ended_early = True
+                return
+
+    def end_epoch(self):
+        """After batches(): True (and on to the next epoch, step 0) if the epoch ran to its end."""
+        finished = self.step >= self.steps_per_epoch
+        if finished:
+            self.epoch, self.step = self.epoch + 1, 0
+        return finished
+
+    def should_evaluate(self, finished):
+        """Every eval_every epochs, and always after the last step the run will take."""
+        last = self.epoch >= self.cfg.epochs or self.ended_early
+        return finished and self.epoch % self.cfg.eval_every == 0 or last
+
+    def save(self, out_dir, model, optimizer, scheduler, scaler, finished):
+        """checkpoint.pth (+ the epoch's copy). Call on every rank: the RNG states are gathered."""
+        rngs = distributed.all_gather_object(rng_state())
+        if not out_dir:
+            return
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "epoch": self.epoch, "step": self.step, "config": self.cfg.to_dict(),
+                     "rng": rngs, "world_size": len(rngs)}, os.path.join(out_dir, "checkpoint.pth"))
+        if finished:
+            rotate_checkpoints(out_dir, self.epoch, self.cfg.keep_checkpoints)
+
+
+# ---- per-step bookkeeping ----
+
+def non_finite_message(losses, epoch, step):
+    """What to say when the weighted loss is NaN or inf: the terms that went non-finite, what to try."""
+    bad = sorted(k for k, v in losses.items() if not torch.isfinite(v).all())
+    return (f"non-finite loss at epoch {epoch}, step {step}: {', '.join(bad) or 'the weighted sum'} "
             f"= {[float(losses[k]) for k in bad]}. The last good checkpoint was kept. Try a lower "
             f"--lr, --clip_max_norm 0.1, or --amp bf16 instead of fp16.")
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, scaler=None,
-                    start_step=0, stop=None, on_step=None):
-    """Runs the epoch's remaining batches. Returns (averages dict, steps done, stopped early).
+class LossMeter:
+    """The epoch's average of every loss, summed on the device in float64 (no host sync per
+    step; the same sums, bit for bit, as adding up each step's .item() in Python).
 
-    on_step(step) is called after every optimiser step (train.py uses it for max_steps).
+    Keys: loss (the weighted total), k (weighted) for k in weight_dict, k_unscaled for all.
     """
-    model.train()
-    sums, count = defaultdict(float), 0
-    step = start_step
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not distributed.is_main_process(),
-               initial=start_step, total=start_step + len(loader))
-    for images, mask, targets in bar:
-        # checked before each step, so a Ctrl-C during the evaluation also stops before the
-        # next step; train.py saves the state left here (and checks again at the epoch's end)
-        if stop is not None and stop.should_stop():
-            return _averages(sums, count, optimizer), step, True
-        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = move_targets(targets, device)
-        with autocast(device, cfg.amp):
-            outputs = model(images, mask, targets)
-        losses = criterion(outputs, targets)       # float32: the criterion runs outside autocast
-        weight_dict = criterion.weight_dict
-        total = sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
-        check_finite(losses, total, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        if cfg.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step += 1
-        count += 1
-        sums["loss"] += total.item()
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, total, losses, weight_dict):
+        terms = {"loss": total}
         for k, v in losses.items():
-            sums[f"{k}_unscaled"] += v.item()
+            terms[f"{k}_unscaled"] = v
             if k in weight_dict:
-                sums[k] += v.item() * weight_dict[k]
-        bar.set_postfix(loss=f"{sums['loss'] / count:.3f}")
-        if on_step is not None and on_step(step) is False:
-            return _averages(sums, count, optimizer), step, True
-    return _averages(sums, count, optimizer), step, False
+                terms[k] = v.detach().double() * weight_dict[k]
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+        self.count += 1
 
-
-def _averages(sums, count, optimizer):
-    out = {k: distributed.all_reduce_mean(v / max(count, 1)) for k, v in sorted(sums.items())}
-    out["lr"] = optimizer.param_groups[0]["lr"]
-    return out
-
-
-def finite_or_nan(x):
-    return x if math.isfinite(x) else float("nan")
+    def averages(self, lr):
+        """{name: mean over the epoch's steps and the ranks} plus lr; one host sync."""
+        out = {k: distributed.all_reduce_mean(float(v) / max(self.count, 1))
+               for k, v in sorted(self.sums.items())}
+        out["lr"] = lr
+        return out

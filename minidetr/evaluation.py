@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from minidetr import distributed
+from minidetr.data import move_targets
+from minidetr.losses import total_loss
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -32,10 +34,6 @@ def autocast(device, amp):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def move_targets(targets, device):
-    return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
 def to_coco_detections(image_id, result):
@@ -60,8 +58,7 @@ def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none",
             outputs = model(images, mask)
         if criterion is not None:
             losses = criterion(outputs, targets)
-            total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-            loss_sums["loss"] += float(total)
+            loss_sums["loss"] += float(total_loss(losses, criterion.weight_dict))
             for k, v in losses.items():
                 loss_sums[k] += float(v)
         batches += 1

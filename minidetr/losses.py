@@ -297,8 +297,12 @@ def build_weight_dict(cls_loss_coef, bbox_loss_coef, giou_loss_coef, dec_layers,
 
 
 def total_loss(losses, weight_dict):
-    """sum over k in weight_dict of weight_dict[k] * losses[k] (keys missing from losses skipped)."""
-    terms = [weight_dict[k] * v for k, v in losses.items() if k in weight_dict]
+    """sum over k in weight_dict of losses[k] * weight_dict[k] (keys missing from losses skipped).
+
+    Summed in weight_dict's order, so that train.py, evaluation and the benchmarks get the
+    same float from the same losses. ValueError if no loss has a weight.
+    """
+    terms = [losses[k] * w for k, w in weight_dict.items() if k in losses]
     if not terms:
         raise ValueError("total_loss: no loss in `losses` has a weight in `weight_dict`")
     return sum(terms)

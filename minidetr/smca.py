@@ -298,18 +298,15 @@ class SMCADecoder(Decoder):
         super().__init__(layers, dim)
         self.strides = strides     # pixels per cell of each level, to place centres (see forward)
 
-    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
-                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
-        """image_sizes: [B, 2] (w, h) of each unpadded image in pixels, or None.
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, self_attn_mask=None,
+                spatial_shapes, image_sizes=None):
+        """spatial_shapes: the levels' (y, x); image_sizes: [B, 2] (w, h) of each unpadded image
+        in pixels, or None (both from `decoder_inputs`, which the model calls).
 
         With image sizes (the model passes them, read off the pixel mask), the grid size is
         w / stride, h / stride as floats, exactly the reference's targets['size'] / 32; the
         feature-level mask only knows whole cells (ceil(w / 32)), the fallback.
         """
-        if spatial_shapes is None:
-            raise ValueError("SMCA needs spatial_shapes to lay its Gaussians on the feature grid")
-        if ref_points is not None:
-            raise ValueError("SMCA predicts its centres itself; ref_points must be None")
         shapes = [(int(y), int(x)) for y, x in spatial_shapes]
         if image_sizes is not None and self.strides is not None:
             strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
@@ -327,6 +324,25 @@ class SMCADecoder(Decoder):
         return torch.stack(hs), box_ref
 
 
+# ---- what SMCA reads from the image besides the memory: the map layout ----
+
+def unpadded_sizes(mask):
+    """mask [B, H, W] True on padding -> [B, 2] (w, h) of each image in pixels."""
+    real = ~mask
+    return torch.stack([real.any(1).sum(-1), real.any(2).sum(-1)], -1)
+
+
+def decoder_inputs(mask, spatial_shapes):
+    """The SMCA decoder's inputs beyond DETR's: the maps' (y, x) and the unpadded image sizes
+    (to lay the Gaussians on the grid, Eq. 2). The model calls this with the pixel mask."""
+    return dict(spatial_shapes=spatial_shapes, image_sizes=unpadded_sizes(mask))
+
+
+def encoder_inputs(mask, spatial_shapes):
+    """The multi-scale encoder's input beyond DETR's: the levels' (y, x), to split the tokens."""
+    return dict(spatial_shapes=spatial_shapes)
+
+
 # ---- queries and build ----
 
 # SMCA's queries are DETR's (its centres come from the decoder's layer 0, not the queries)
@@ -337,8 +353,8 @@ def build_parts(cfg, bbox_embed):
     """The SMCA pieces of the model from the config (the only place here that reads it).
 
     bbox_embed is unused (SMCA's box reference comes from the decoder). Returns
-    dict(queries, decoder) and, with cfg.smca_multiscale, also encoder, input_proj and
-    return_layers (the backbone stages C4, C5).
+    dict(queries, decoder, decoder_inputs) and, with cfg.smca_multiscale, also encoder,
+    encoder_inputs, input_proj and return_layers (the backbone stages C4, C5).
     """
     dim, heads = cfg.hidden_dim, cfg.nheads
     levels = 3 if cfg.smca_multiscale else 1               # strides 16, 32, 64
@@ -356,13 +372,13 @@ def build_parts(cfg, bbox_embed):
     xavier_init(decoder)                  # DETR's init first (the reference's _reset_parameters)
     for layer in decoder.layers:
         layer.reset_scale_head()          # then scale 1 at the start
-    parts = dict(queries=SMCAQueries(cfg.num_queries, dim), decoder=decoder)
+    parts = dict(queries=SMCAQueries(cfg.num_queries, dim), decoder=decoder, decoder_inputs=decoder_inputs)
     if cfg.smca_multiscale:
         encoder = SMCAMultiScaleEncoder(dim, heads, cfg.dim_feedforward, cfg.dropout,
                                         encoder_pattern(cfg.enc_layers), levels, cfg.activation)
         xavier_init(encoder)
         nn.init.normal_(encoder.level_embed)
         expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1   # Bottleneck vs Basic
-        parts.update(encoder=encoder, return_layers=("layer3", "layer4"),
+        parts.update(encoder=encoder, encoder_inputs=encoder_inputs, return_layers=("layer3", "layer4"),
                      input_proj=MultiScaleProjection((256 * expansion, 512 * expansion), dim))
     return parts

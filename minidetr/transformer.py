@@ -26,7 +26,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 
@@ -118,9 +118,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by nheads {heads}")
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout = heads, dropout     # dim % heads == 0: checked by Config.validate
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.out_proj = nn.Linear(dim, dim)
         self.reset_parameters()
@@ -239,22 +237,16 @@ class DecoderLayer(nn.Module):
 # ---- stacks ----
 
 class Encoder(nn.Module):
-    """A stack of encoder layers.
+    """A stack of encoder layers, Eq. (2) repeated; the same positional encoding at every layer."""
 
-    `pos_scale` (DAB-DETR): an MLP of the current tokens that rescales the positional
-    encoding per channel before every layer, pos_l = pos * MLP(x_l). None for DETR.
-    """
-
-    def __init__(self, layers, pos_scale=None):
+    def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.pos_scale = pos_scale
 
-    def forward(self, src, pos, pad_mask, spatial_shapes=None):
+    def forward(self, src, pos, pad_mask):
         """src, pos: [B, N, C]; pad_mask: [B, N]. Returns memory [B, N, C]."""
         for layer in self.layers:
-            layer_pos = pos if self.pos_scale is None else pos * self.pos_scale(src)
-            src = layer(src, layer_pos, pad_mask)
+            src = layer(src, pos, pad_mask)
         return src
 
 
@@ -271,8 +263,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, ref_points=None,
-                self_attn_mask=None, spatial_shapes=None, image_sizes=None):
+    def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, self_attn_mask=None):
         hs = []
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
@@ -289,9 +280,9 @@ class LearnedQueries(nn.Module):
         self.query_embed = nn.Embedding(num_queries, dim)
 
     def forward(self, batch_size):
-        """-> tgt [B, Q, D] zeros, query_pos [B, Q, D], ref_points None."""
-        query_pos = self.query_embed.weight.expand(batch_size, -1, -1)
-        return torch.zeros_like(query_pos), query_pos, None
+        """-> the decoder's query inputs: dict(tgt [B, Q, D] zeros, query_pos [B, Q, D])."""
+        query_pos = repeat(self.query_embed.weight, 'q c -> b q c', b=batch_size)
+        return dict(tgt=torch.zeros_like(query_pos), query_pos=query_pos)
 
     def from_boxes(self, boxes):
         raise NotImplementedError("denoising needs queries that carry a reference point or box "
@@ -323,3 +314,25 @@ def clones(layer, n):
     equal in every layer of a reference model, and so here.
     """
     return [copy.deepcopy(layer) for _ in range(n)]
+
+
+# ---- build ----
+
+def build_encoder(cfg):
+    """DETR's encoder: one layer deep-copied enc_layers times, then xavier_uniform (DETR's init)."""
+    layer = EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
+    encoder = Encoder(clones(layer, cfg.enc_layers))
+    xavier_init(encoder)
+    return encoder
+
+
+def build_parts(cfg, bbox_embed):
+    """DETR's learned queries and decoder (cfg.variant 'detr'); bbox_embed keeps its init.
+
+    Returns dict(queries=..., decoder=...), the decoder xavier-initialised.
+    """
+    layers = clones(DecoderLayer(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
+                                 cfg.activation), cfg.dec_layers)
+    decoder = Decoder(layers, cfg.hidden_dim)
+    xavier_init(decoder)
+    return dict(queries=LearnedQueries(cfg.num_queries, cfg.hidden_dim), decoder=decoder)

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from minidetr.conditional_attn import (AnchorDecoder, AnchorQueries, ConditionalDecoder,
-                                       ConditionalDecoderLayer, ConditionalQueries, build_parts,
+                                       ConditionalDecoderLayer, ConditionalQueries, ScaledPositionEncoder,
+                                       build_anchor_parts, build_conditional_parts,
                                        position_sine_embed)
-from minidetr.transformer import MLP
+from minidetr.transformer import MLP, Encoder, EncoderLayer
 
 B, Q, N, D, H = 2, 5, 12, 16, 4
+
+
+def unpack(queries):
+    """A queries module's dict -> (tgt, query_pos, ref_points), None where it has none."""
+    return queries.get("tgt"), queries.get("query_pos"), queries.get("ref_points")
 
 
 def rand(*shape, seed=0):
@@ -84,22 +90,23 @@ def randomise_final_norm(decoder, dim):
 
 def conditional_parts(dim=D, heads=H, layers=3):
     torch.manual_seed(0)
-    parts = build_parts(config("conditional", dim, heads, layers), bbox_embed=None)
+    parts = build_conditional_parts(config("conditional", dim, heads, layers), MLP(dim, dim, 4, 3))
     return parts["queries"].double().eval(), randomise_final_norm(parts["decoder"].double().eval(), dim)
 
 
 def anchor_parts(dim=D, heads=H, layers=3):
     torch.manual_seed(0)
-    bbox_embed = MLP(dim, dim, 4, 3)                    # random init: refinement deltas are not 0
-    parts = build_parts(config("dn", dim, heads, layers), bbox_embed)
+    bbox_embed = MLP(dim, dim, 4, 3)
+    parts = build_anchor_parts(config("dn", dim, heads, layers), bbox_embed)
+    torch.nn.init.normal_(bbox_embed.layers[-1].weight, std=0.1)   # not the zero init: refinement
+    torch.nn.init.normal_(bbox_embed.layers[-1].bias, std=0.1)     # deltas must not be 0 here
     return parts["queries"].double().eval(), randomise_final_norm(parts["decoder"].double().eval(), dim)
 
 
 def run(queries, decoder, dim=D, self_attn_mask=None):
     memory, memory_pos, pad = inputs(dim)
-    tgt, query_pos, ref = queries(B)
-    return decoder(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
-                   ref_points=ref, self_attn_mask=self_attn_mask)
+    return decoder(memory=memory, memory_pos=memory_pos, pad_mask=pad, self_attn_mask=self_attn_mask,
+                   **queries(B))
 
 
 # ---- the layer ----
@@ -208,7 +215,7 @@ def test_sine_embed_of_a_point_and_a_box_by_hand():
 def test_conditional_queries_by_hand():
     """ref = sigmoid(W2 relu(W1 o + b1) + b2); from_boxes: PE(centre) and the centre, no parameters."""
     queries, _ = conditional_parts()
-    tgt, query_pos, ref = queries(B)
+    tgt, query_pos, ref = unpack(queries(B))
     o = queries.query_embed.weight
     l1, l2 = queries.ref_point_head.layers
     hidden = (o @ l1.weight.T + l1.bias).clamp(min=0)
@@ -216,7 +223,7 @@ def test_conditional_queries_by_hand():
     assert torch.allclose(ref, expected.expand(B, Q, 2)) and torch.equal(query_pos[1], o)
     assert torch.equal(tgt, torch.zeros(B, Q, D, dtype=torch.float64))
     boxes = uniform(B, 3, 4, seed=5)
-    pos, centre = queries.from_boxes(boxes)
+    pos, centre = unpack(queries.from_boxes(boxes))[1:]
     assert torch.equal(centre, boxes[..., :2])
     assert torch.allclose(pos, naive_embed(boxes[..., :2], D))
 
@@ -233,7 +240,7 @@ def test_lambda_is_one_in_layer_zero_then_ffn_of_previous_output():
         capture_inputs(decoder.layers[1], calls)
         capture_outputs(decoder.layers[0], outs)
         hs2, _ = run(queries, decoder)
-        ref = queries(B)[2]
+        ref = queries(B)["ref_points"]
         lam = decoder.query_scale(outs[0])
     assert torch.allclose(hs[0], hs2[0], atol=1e-12)
     assert not torch.allclose(hs[1], hs2[1], atol=1e-6)
@@ -244,7 +251,7 @@ def test_conditional_box_ref_is_logit_of_reference():
     """box_ref[l] = log(s / (1 - s)) at every layer, clamped at eps = 1e-5."""
     queries, decoder = conditional_parts()
     memory, memory_pos, pad = inputs()
-    tgt, query_pos, _ = queries(B)
+    tgt, query_pos, _ = unpack(queries(B))
     ref = uniform(B, Q, 2, seed=3)
     ref[0, 0, 0], ref[1, 2, 1] = 0.0, 1.0               # on the boundary: clamped, still finite
     hs, box_ref = decoder(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
@@ -274,7 +281,7 @@ def test_padding_tokens_do_not_change_the_queries():
     """Memory under the padding mask can change freely without changing any decoder output."""
     queries, decoder = conditional_parts()
     memory, memory_pos, pad = inputs()
-    tgt, query_pos, ref = queries(B)
+    tgt, query_pos, ref = unpack(queries(B))
     kwargs = dict(memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos, ref_points=ref)
     with torch.no_grad():
         hs, _ = decoder(tgt, memory, **kwargs)
@@ -291,15 +298,15 @@ def test_padding_tokens_do_not_change_the_queries():
 def test_anchor_queries():
     """ref = 1/(1+exp(-weight)), no query_pos, zero content; from_boxes keeps boxes inside [1e-3, 1-1e-3]."""
     queries, _ = anchor_parts()
-    tgt, query_pos, ref = queries(B)
+    tgt, query_pos, ref = unpack(queries(B))
     w = queries.refpoint_embed.weight
     assert query_pos is None and torch.equal(tgt, torch.zeros(B, Q, D, dtype=torch.float64))
     assert torch.allclose(ref, (1 / (1 + torch.exp(-w))).expand(B, Q, 4))
     boxes = uniform(B, 3, 4, seed=7)
-    pos, anchors = queries.from_boxes(boxes)
+    pos, anchors = unpack(queries.from_boxes(boxes))[1:]
     assert pos is None and torch.allclose(anchors, boxes, atol=1e-12)
     boxes[0, 0, 2] = 0.0                                 # a zero width becomes DN-DETR's ~1e-3
-    assert math.isclose(queries.from_boxes(boxes)[1][0, 0, 2].item(), 1e-3 / (1 + 1e-3))
+    assert math.isclose(queries.from_boxes(boxes)["ref_points"][0, 0, 2].item(), 1e-3 / (1 + 1e-3))
 
 
 def test_anchor_positional_query_and_first_box_ref_by_hand():
@@ -309,7 +316,7 @@ def test_anchor_positional_query_and_first_box_ref_by_hand():
     capture_inputs(decoder.layers[0], calls)
     with torch.no_grad():
         _, box_ref = run(queries, decoder)
-        anchors = queries(B)[2]
+        anchors = queries(B)["ref_points"]
         expected_pos = decoder.ref_point_head(naive_embed(anchors, D))
     assert torch.allclose(calls[0]["query_pos"], expected_pos, atol=1e-12)
     expected = torch.tensor([[[naive_logit(p, 1e-3) for p in a] for a in img] for img in anchors.tolist()],
@@ -326,7 +333,7 @@ def test_anchor_refinement_by_hand():
     capture_outputs(decoder.layers[0], outs)
     with torch.no_grad():
         _, box_ref = run(queries, decoder)
-        a0 = queries(B)[2]
+        a0 = queries(B)["ref_points"]
         delta = decoder.bbox_embed(outs[0])
     logit_a1 = torch.tensor([[[d + naive_logit(p, 1e-3) for d, p in zip(dq, aq)]
                               for dq, aq in zip(db, ab)] for db, ab in zip(delta.tolist(), a0.tolist())],
@@ -381,11 +388,13 @@ def test_hw_modulation_scales_x_by_w_and_y_by_h(w_ref, h_ref, x_factor, y_factor
 
 
 def test_build_parts_shares_the_box_head_and_leaves_its_init():
-    """Each variant gets its parts; the anchor decoder holds the model's bbox_embed itself (both state_dict keys), un-reinitialised."""
+    """Each variant gets its parts; the anchor decoder holds the model's bbox_embed itself (both
+    state_dict keys), not xavier-redrawn: only its last layer zeroed (boxes start at the anchors)."""
     bbox_embed = MLP(D, D, 4, 3)
     torch.nn.init.zeros_(bbox_embed.layers[-1].weight)    # DAB's zero-init of the last layer
+    torch.nn.init.zeros_(bbox_embed.layers[-1].bias)
     before = {k: v.clone() for k, v in bbox_embed.state_dict().items()}
-    parts = build_parts(config("dn"), bbox_embed)
+    parts = build_anchor_parts(config("dn"), bbox_embed)
     assert isinstance(parts["queries"], AnchorQueries) and isinstance(parts["decoder"], AnchorDecoder)
     decoder = parts["decoder"]
     assert decoder.bbox_embed is bbox_embed
@@ -393,11 +402,20 @@ def test_build_parts_shares_the_box_head_and_leaves_its_init():
     keys = decoder.state_dict()
     assert "bbox_embed.layers.2.weight" in keys and keys["ref_point_head.layers.0.weight"].shape == (D, 2 * D)
     assert "ca_qpos_proj.weight" not in "".join(k for k in keys if k.startswith("layers.1."))
-    parts = build_parts(config("conditional"), bbox_embed)
+    parts = build_conditional_parts(config("conditional"), bbox_embed)
     assert isinstance(parts["queries"], ConditionalQueries) and isinstance(parts["decoder"], ConditionalDecoder)
     assert "bbox_embed.layers.0.weight" not in parts["decoder"].state_dict()
-    with pytest.raises(ValueError):
-        build_parts(config("smca"), bbox_embed)
+    assert torch.all(bbox_embed.layers[-1].weight == 0) and torch.all(bbox_embed.layers[-1].bias == 0)
+
+
+def test_encoder_pos_scale_rescales_positions():
+    """With pos_scale returning ones, the DAB encoder equals the DETR encoder."""
+    torch.manual_seed(0)
+    layers = [EncoderLayer(D, H, 32, dropout=0.0) for _ in range(2)]
+    plain = Encoder(layers).double()
+    ones = ScaledPositionEncoder(layers, pos_scale=lambda x: torch.ones_like(x)).double()
+    src, pos = rand(B, 12, D, seed=16), rand(B, 12, D, seed=17)
+    assert torch.allclose(plain(src, pos, None), ones(src, pos, None))
 
 
 # ---- any hidden size ----
@@ -413,7 +431,7 @@ def test_works_at_any_hidden_dim(dim):
     with torch.no_grad():
         hs, box_ref = run(queries, decoder, dim)
     assert hs.shape == (2, B, Q, dim) and box_ref.shape == (2, B, Q, 2) and torch.isfinite(hs).all()
-    assert torch.allclose(calls[0]["query_sine_embed"], naive_embed(queries(B)[2], dim), atol=1e-10)
+    assert torch.allclose(calls[0]["query_sine_embed"], naive_embed(queries(B)["ref_points"], dim), atol=1e-10)
 
     queries, decoder = anchor_parts(dim, layers=2)
     force_ref_wh(decoder, 0.5, 0.5)

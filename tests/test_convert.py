@@ -1,7 +1,9 @@
 """convert: official checkpoints of every variant land key by key in minidetr's model.
 
 The official state_dicts are written out here by hand, name by name, from the
-references' layouts (docs: /work/shared/ANCHORS.md "state_dict naming"), for a tiny
+references' layouts (the state_dict names of facebookresearch/detr, Atten4Vis/ConditionalDETR,
+gaopengcuhk/SMCA-DETR, IDEA-Research/DN-DETR and DAB-DETR; minidetr/convert.py lists
+the mapping), for a tiny
 model (ResNet-18, width 32, 1 encoder + 2 decoder layers); only the ResNet keys are taken
 from our backbone (torchvision's names, checked in test_backbone.py) with the official
 prefix. Numerical equality with the reference code itself is checked outside the test
@@ -17,8 +19,8 @@ from torch import nn
 from minidetr import Config, build
 from minidetr.backbone import Backbone
 from minidetr.checkpoint import load_safely
-from minidetr.convert import (convert_official_checkpoint, infer_official_args, main as convert_main,
-                              rename)
+from minidetr.convert import (config_from_official_args, convert_official_checkpoint,
+                              infer_official_args, main as convert_main, rename)
 from minidetr.transformer import MultiheadAttention
 
 C, F, ENC, DEC, Q, K, HEADS = 32, 64, 1, 2, 5, 7, 4
@@ -125,7 +127,7 @@ def args_for(variant):
 
 def convert(variant, sd=None):
     sd = official_state_dict(variant) if sd is None else sd
-    cfg = Config.from_official_args(args_for(variant), variant, state_dict=sd)
+    cfg = config_from_official_args(args_for(variant), variant, state_dict=sd)
     return sd, cfg, convert_official_checkpoint(sd, variant, cfg)
 
 
@@ -216,7 +218,7 @@ def test_unmapped_missing_and_misshaped_keys_are_named():
     sd["transformer.decoder.layers.0.point2.weight"] = torch.zeros(8, C)  # a rule, but no such module
     del sd["transformer.decoder.layers.1.norm2.weight"]
     sd["query_embed.weight"] = torch.zeros(Q + 1, C)
-    cfg = Config.from_official_args(args_for("detr"), "detr", state_dict=sd)
+    cfg = config_from_official_args(args_for("detr"), "detr", state_dict=sd)
     with pytest.raises(ValueError) as err:
         convert_official_checkpoint(sd, "detr", cfg)
     msg = str(err.value)
@@ -228,7 +230,7 @@ def test_unmapped_missing_and_misshaped_keys_are_named():
 def test_wrong_variant_is_refused_with_a_hint():
     """DETR weights converted as Conditional DETR fail, naming the variant they look like."""
     sd = official_state_dict("detr")
-    cfg = Config.from_official_args(args_for("conditional"), "conditional", state_dict=sd)
+    cfg = config_from_official_args(args_for("conditional"), "conditional", state_dict=sd)
     with pytest.raises(ValueError, match="look like --variant detr"):
         convert_official_checkpoint(sd, "conditional", cfg)
 
@@ -251,24 +253,24 @@ def test_batchnorm_counters_are_dropped():
 def test_official_args_set_the_architecture():
     """Backbone, DC5, sizes and the variants' hard-coded settings come from the args."""
     r101_dc5 = argparse.Namespace(**{**ARGS, "backbone": "resnet101", "dilation": True})
-    cfg = Config.from_official_args(r101_dc5, "detr")
+    cfg = config_from_official_args(r101_dc5, "detr")
     assert (cfg.backbone, cfg.dilation, cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers) == \
         ("resnet101", True, C, HEADS, ENC, DEC)
     assert (cfg.num_classes, cfg.focal_alpha, cfg.set_cost_class, cfg.frozen_bn, cfg.preset) == \
         (91, None, 1.0, True, "paper")          # 91: --dataset_file coco, as the reference builds
-    cond = Config.from_official_args(args_for("conditional"), "cond")
+    cond = config_from_official_args(args_for("conditional"), "cond")
     assert (cond.variant, cond.num_select, cond.cls_loss_coef, cond.focal_alpha) == \
         ("conditional", 100, 2.0, 0.25)                # Conditional DETR keeps a fixed top 100
-    scales = [Config.from_official_args({**args_for("smca"), "dynamic_scale": t}, "smca").smca_scale
+    scales = [config_from_official_args({**args_for("smca"), "dynamic_scale": t}, "smca").smca_scale
               for t in ("type1", "type2", "type3")]
     assert scales == ["fixed", "shared", "xy"]
-    smca = Config.from_official_args(args_for("smca"), "smca")
+    smca = config_from_official_args(args_for("smca"), "smca")
     assert (smca.num_select, smca.cls_loss_coef, smca.focal_alpha, smca.smooth) == (Q, 2.0, 0.25, 8.0)
-    dn = Config.from_official_args({**args_for("dn"), "pe_temperatureH": 30, "pe_temperatureW": 30}, "dn")
+    dn = config_from_official_args({**args_for("dn"), "pe_temperatureH": 30, "pe_temperatureW": 30}, "dn")
     assert (dn.variant, dn.dn, dn.pe_temperature, dn.activation, dn.dropout, dn.num_select) == \
         ("dn", True, 30, "prelu", 0.0, Q)
-    dab = Config.from_official_args({**args_for("dn"), "modelname": "dab_detr"}, "dab")
-    assert (dab.variant, dab.dn) == ("dn", False)
+    dab = config_from_official_args({**args_for("dn"), "modelname": "dab_detr"}, "dab")
+    assert (dab.variant, dab.dn) == ("dab", False)
 
 
 @pytest.mark.parametrize("variant,change,needle", [
@@ -278,7 +280,7 @@ def test_official_args_set_the_architecture():
     ("dn", dict(num_patterns=3), "num_patterns")])
 def test_settings_minidetr_cannot_build_are_refused(variant, change, needle):
     with pytest.raises(ValueError, match=needle):
-        Config.from_official_args({**args_for(variant), **change}, variant)
+        config_from_official_args({**args_for(variant), **change}, variant)
 
 
 @pytest.mark.parametrize("variant", ["detr", "smca", "dn"])

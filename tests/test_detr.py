@@ -58,7 +58,7 @@ def test_logit_width_follows_classification_type():
 
 
 def test_paper_defaults_match_the_reference_recipes():
-    """A few anchors from each paper's code (ANCHORS.md)."""
+    """A few settings read from each paper's reference code."""
     detr = Config.for_variant("detr")
     assert (detr.num_queries, detr.eos_coef, detr.lr, detr.lr_backbone, detr.focal_alpha) == (100, 0.1, 1e-4, 1e-5, None)
     cond = Config.for_variant("conditional")
@@ -121,12 +121,3 @@ def test_denoising_queries_do_not_change_matching_outputs(variant):
     assert train_out["dn"]["pred_boxes"].shape[1] == 5 * 2          # 5 groups x 2 objects (padded)
     assert torch.allclose(train_out["pred_logits"], eval_out["pred_logits"], atol=1e-5)
     assert torch.allclose(train_out["pred_boxes"], eval_out["pred_boxes"], atol=1e-6)
-
-
-def test_unpadded_sizes_from_the_pixel_mask():
-    """(w, h) per image = real columns and rows of the padding mask (SMCA places its centres with them)."""
-    from minidetr.detr import unpadded_sizes
-    mask = torch.ones(2, 5, 7, dtype=torch.bool)
-    mask[0, :3, :7] = False
-    mask[1, :5, :2] = False
-    assert unpadded_sizes(mask).tolist() == [[7, 3], [2, 5]]

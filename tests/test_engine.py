@@ -1,4 +1,4 @@
-"""Tests for the training loop (minidetr/engine.py, driven through train.main): a run split
+"""Tests for the training loop (train.py, on minidetr/engine.py's TrainingProgress, driven through train.main): a run split
 by --max_steps or by SIGINT and resumed ends with exactly the weights of an uninterrupted
 run; SIGTERM during evaluation stops before the next step; a non-finite loss stops with
 epoch, step and term and keeps the last checkpoint; checkpoints are written atomically and
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minidetr
-from minidetr import distributed
+from minidetr import distributed, engine
 from minidetr.checkpoint import load_safely, save_atomic
 from minidetr.engine import StopRequest
 
@@ -215,13 +215,13 @@ def test_keep_checkpoints_rotation(tmp_path):
     later keep 2 leaves 5 and 6."""
     for epoch in range(1, 6):
         (tmp_path / "checkpoint.pth").write_bytes(f"epoch {epoch}".encode())
-        train.rotate_checkpoints(str(tmp_path), epoch, keep=3)
+        engine.rotate_checkpoints(str(tmp_path), epoch, keep=3)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_e0003.pth",
                                             "checkpoint_e0004.pth", "checkpoint_e0005.pth"]
     assert (tmp_path / "checkpoint_e0004.pth").read_bytes() == b"epoch 4"
-    train.rotate_checkpoints(str(tmp_path), 6, keep=2)     # resumed with a smaller K: 3 and 4 go
+    engine.rotate_checkpoints(str(tmp_path), 6, keep=2)     # resumed with a smaller K: 3 and 4 go
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_e0005.pth", "checkpoint_e0006.pth"]
-    train.rotate_checkpoints(str(tmp_path), 7, keep=1)     # keep 1: checkpoint.pth only, no copies
+    engine.rotate_checkpoints(str(tmp_path), 7, keep=1)     # keep 1: checkpoint.pth only, no copies
     assert not (tmp_path / "checkpoint_e0007.pth").exists()
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from minidetr import transformer
 from minidetr.smca import (MultiScaleProjection, SMCADecoder, SMCADecoderLayer,
                            SMCAMultiScaleEncoder, SMCAQueries, ScaleSelectionCrossAttention,
-                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_grid_sizes)
+                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_grid_sizes,
+                           unpadded_sizes)
 
 B, Q, D, H, FF = 2, 5, 16, 4, 32
 Y, X = 3, 4                      # one 3x4 feature map, N = 12 tokens
@@ -28,6 +29,11 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def unpack(queries):
+    """A queries module's dict -> (tgt, query_pos, ref_points), None where it has none."""
+    return queries.get("tgt"), queries.get("query_pos"), queries.get("ref_points")
 
 
 def naive_log_g(centres, scales, y, x, beta):
@@ -338,7 +344,7 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
 def test_queries_and_from_boxes():
     """Zeros content, learned query_pos, no reference points; from_boxes refuses denoising."""
     queries = SMCAQueries(Q, D)
-    tgt, query_pos, ref = queries(B)
+    tgt, query_pos, ref = unpack(queries(B))
     assert torch.equal(tgt, torch.zeros(B, Q, D)) and ref is None
     assert torch.equal(query_pos[1], queries.query_embed.weight)
     with pytest.raises(NotImplementedError, match="denoising"):
@@ -352,7 +358,8 @@ def test_build_parts_multiscale_end_to_end():
                           smca_multiscale=True, activation="relu", backbone="resnet18",
                           dilation=False, backbone_stage="layer4")
     parts = build_parts(cfg, bbox_embed=None)
-    assert set(parts) == {"queries", "decoder", "encoder", "input_proj", "return_layers"}
+    assert set(parts) == {"queries", "decoder", "decoder_inputs", "encoder", "encoder_inputs",
+                          "input_proj", "return_layers"}
     assert parts["return_layers"] == ("layer3", "layer4")
     assert parts["encoder"].pattern == encoder_pattern(5)
     for layer in parts["decoder"].layers:
@@ -366,13 +373,14 @@ def test_build_parts_multiscale_end_to_end():
     pos = torch.randn_like(src)
     with torch.no_grad():
         memory = parts["encoder"](src, pos, pad, shapes)
-        tgt, query_pos, ref = parts["queries"](B)
-        hs, box_ref = parts["decoder"](tgt, memory, memory_pos=pos, pad_mask=pad, query_pos=query_pos,
-                                       ref_points=ref, spatial_shapes=shapes)
+        queries = parts["queries"](B)
+        assert set(queries) == {"tgt", "query_pos"}                   # no reference points
+        hs, box_ref = parts["decoder"](memory=memory, memory_pos=pos, pad_mask=pad, spatial_shapes=shapes,
+                                       **queries)
     assert hs.shape == (3, B, Q, D) and box_ref.shape == (3, B, Q, 2) and torch.isfinite(hs).all()
     single_cfg = SimpleNamespace(**{**vars(cfg), "smca_multiscale": False, "smca_scale": "fixed"})
     single = build_parts(single_cfg, bbox_embed=None)
-    assert set(single) == {"queries", "decoder"} and not hasattr(single["decoder"].layers[0], "point3")
+    assert set(single) == {"queries", "decoder", "decoder_inputs"} and not hasattr(single["decoder"].layers[0], "point3")
 
 
 @pytest.mark.parametrize("stage", ["layer2", "layer3", "layer4"])
@@ -384,3 +392,11 @@ def test_decoder_stride_is_the_backbone_map_stride(stage):
                                  nheads=4, dim_feedforward=64, num_queries=4, num_select=4)
     (feat, _), = model.backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))[:1]
     assert model.decoder.strides == [64 // feat.shape[-2]] == [96 // feat.shape[-1]]
+
+
+def test_unpadded_sizes_from_the_pixel_mask():
+    """(w, h) per image = real columns and rows of the padding mask (SMCA places its centres with them)."""
+    mask = torch.ones(2, 5, 7, dtype=torch.bool)
+    mask[0, :3, :7] = False
+    mask[1, :5, :2] = False
+    assert unpadded_sizes(mask).tolist() == [[7, 3], [2, 5]]

@@ -38,7 +38,7 @@ def test_cli_error_is_one_line_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == \
-        "error: unknown variant 'detrr': choose one of detr, conditional, smca, dn"
+        "error: unknown variant 'detrr': choose one of detr, conditional, smca, dab, dn"
 
 
 def test_unknown_preset():
@@ -222,7 +222,7 @@ def test_torchrun_rank_failure_brings_the_job_down(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\n"
                       "if os.environ['RANK'] == '1':\n"
-                      "    def fail(cfg, num_classes_given):\n"
+                      "    def fail(cfg):\n"
                       "        raise ValueError('rank 1 cannot read its data')\n"
                       "    train.build_datasets = fail\n"
                       "train.run_rank(sys.argv[1:])\n")

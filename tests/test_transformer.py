@@ -113,16 +113,6 @@ def test_decoder_returns_every_layer_through_shared_norm():
     assert torch.allclose(hs[-1], dec.norm(x))
 
 
-def test_encoder_pos_scale_rescales_positions():
-    """With pos_scale returning ones, the DAB encoder equals the DETR encoder."""
-    torch.manual_seed(0)
-    layers = [EncoderLayer(D, H, 32, dropout=0.0) for _ in range(2)]
-    plain = Encoder(layers).double()
-    ones = Encoder(layers, pos_scale=lambda x: torch.ones_like(x)).double()
-    src, pos = rand(B, N, D, seed=16), rand(B, N, D, seed=17)
-    assert torch.allclose(plain(src, pos, None), ones(src, pos, None))
-
-
 def test_record_attention_rows_sum_to_one_and_respect_padding():
     """Recorded maps are distributions over keys with zero weight on padding."""
     q, k, v = rand(B, Q, D, seed=18), rand(B, N, D, seed=19), rand(B, N, D, seed=20)
