@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from minidetr import distributed
-from minidetr.data import (CocoDetection, build_dataset, collate_fn, default_shapes_root,
-                           make_shapes_dataset, make_transforms)
+from minidetr.check import check_before_training, split_files
+from minidetr.data import (CocoDetection, collate_fn, default_shapes_root, make_shapes_dataset,
+                           make_transforms)
 from minidetr.evaluation import autocast, move_targets
 
 
@@ -64,23 +65,25 @@ def build_optimizer(model, cfg):
 # ---- datasets ----
 
 def build_datasets(cfg, num_classes_given):
-    """(train, val) datasets; checks num_classes against the largest category id."""
+    """(train, val) datasets (train None under --eval); checks num_classes against the largest
+    category id. Every split is checked before any is built (minidetr/check.py): DatasetError
+    lists every defect that would stop or corrupt the run, and what training skips is named once.
+    """
+    splits = ("val",) if cfg.eval else ("train", "val")
     if cfg.coco_path or cfg.train_json or cfg.val_json:
-        train = None if cfg.eval else build_dataset(
-            "train", coco_path=cfg.coco_path, json_file=cfg.train_json,
-            image_folder=cfg.train_images, preset=cfg.preset, image_size=cfg.image_size)
-        val = build_dataset("val", coco_path=cfg.coco_path, json_file=cfg.val_json,
-                            image_folder=cfg.val_images, preset=cfg.preset, image_size=cfg.image_size)
+        files = {s: split_files(s, cfg.coco_path, getattr(cfg, f"{s}_json"), getattr(cfg, f"{s}_images"))
+                 for s in splits}
     else:
         root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
         if distributed.is_main_process():      # one writer; the others wait for it
             paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
         distributed.barrier()
         paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-        train = CocoDetection(paths["train_images"], paths["train_json"],
-                              make_transforms("train", cfg.preset, cfg.image_size))
-        val = CocoDetection(paths["val_images"], paths["val_json"],
-                            make_transforms("val", cfg.preset, cfg.image_size))
+        files = {s: (paths[f"{s}_json"], paths[f"{s}_images"]) for s in splits}
+    data = check_before_training(files, verbose=distributed.is_main_process())
+    built = {s: CocoDetection(folder, json_file, make_transforms(s, cfg.preset, cfg.image_size), data=data[s])
+             for s, (json_file, folder) in files.items()}
+    train, val = built.get("train"), built["val"]
     # a label >= num_classes would index past the classifier (or be read as "no object")
     largest = max((d for d in (train, val) if d is not None), key=lambda d: d.num_classes_needed)
     needed = largest.num_classes_needed

@@ -238,14 +238,21 @@ def test_torchrun_rank_failure_brings_the_job_down(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_missing_image_met_while_training_is_one_line(tmp_path, workers):
-    """An image file deleted after the dataset was built: one line naming it, no traceback,
-    also when a DataLoader worker met it."""
+def test_missing_image_met_while_training_is_one_line(tmp_path, monkeypatch, workers):
+    """An image file deleted after the dataset was checked and built: one line naming it, no
+    traceback, also when a DataLoader worker met it. (Deleted before the run, it stops the
+    run at the door: test_missing_image_stops_before_training.)"""
     argv = ["--preset", "tiny", *TINY_RUN, "--epochs", "1", "--num_workers", str(workers)]
     for split in ("train", "val"):
         json_file, folder = write_custom(tmp_path / split, [1, 2])
         argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
-    os.remove(tmp_path / "train" / "img" / "2.png")
+    build_datasets = train.build_datasets
+
+    def build_then_delete(*args):
+        datasets = build_datasets(*args)
+        os.remove(tmp_path / "train" / "img" / "2.png")
+        return datasets
+    monkeypatch.setattr(train, "build_datasets", build_then_delete)
     with pytest.raises(SystemExit) as exc:
         train.main_with_data_errors(argv)
     message = exc.value.code
