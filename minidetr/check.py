@@ -20,6 +20,7 @@ image; no image decoded unless --images asks for the pixel checks (readable, and
 the json says). A COCO-sized json (118k images, 860k annotations) checks in seconds.
 """
 import argparse
+import filecmp
 import json
 import math
 import os
@@ -344,23 +345,35 @@ def check_split(json_file, image_folder=None, pixels=False, show_progress=True):
 
 
 def check_overlap(train, val):
-    """train, val: (json_file, image_folder, data). Shared: the same file, or id and file name."""
+    """train, val: (json_file, image_folder, data). A val image is shared when it is the same
+    file, or a file of the same name with the same bytes (a copy); ids are not evidence, as
+    two datasets both numbered from 1 share them (the built-in shapes do)."""
     def path_of(folder, img):
-        return os.path.normpath(os.path.abspath(os.path.join(folder, str(img["file_name"]))))
+        return os.path.normpath(os.path.abspath(os.path.join(folder, str(img.get("file_name")))))
     (train_json, train_folder, train_data), (val_json, val_folder, val_data) = train, val
-    by_path = {path_of(train_folder, img): img for img in train_data["images"] if isinstance(img, dict)}
-    by_key = {(img.get("id"), img.get("file_name")): img for img in by_path.values()}
+    train_images = [img for img in train_data["images"] if isinstance(img, dict)]
+    by_path = {path_of(train_folder, img): img for img in train_images}
+    by_name = {img.get("file_name"): img for img in train_images}
     findings = []
-    for img in val_data["images"]:
-        if not isinstance(img, dict):
-            continue
-        same_file = by_path.get(path_of(val_folder, img))
-        other = same_file or by_key.get((img.get("id"), img.get("file_name")))
+    for img in (img for img in val_data["images"] if isinstance(img, dict)):
+        path, other, how = path_of(val_folder, img), None, ""
+        if path in by_path:
+            other, how = by_path[path], "the same file"
+        elif img.get("file_name") in by_name:   # few candidates: compare their bytes
+            candidate = by_name[img.get("file_name")]
+            if _same_bytes(path, path_of(train_folder, candidate)):
+                other, how = candidate, "a copy: same name, same bytes"
         if other is not None:
-            how = "the same file" if same_file else "the same id and file name"
             findings.append(Finding("train/val overlap", val_json, img.get("id"), message=(
                 f"{img.get('file_name')} is also train image id {other.get('id')} in {train_json} ({how})")))
     return findings
+
+
+def _same_bytes(path_a, path_b):
+    try:
+        return filecmp.cmp(path_a, path_b, shallow=False)
+    except OSError:   # a missing file is reported by check_files
+        return False
 
 
 def check_splits(files, pixels=False, show_progress=True):

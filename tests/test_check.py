@@ -169,18 +169,23 @@ def test_image_size_mismatch_with_images_flag(tmp_path):
     assert main(argv) == 0 and main(argv + ["--images"]) == 1
 
 
-@pytest.mark.parametrize("same_folder", [True, False])
-def test_train_and_val_sharing_images(tmp_path, capsys, same_folder):
-    """val image 2 is train image 2: the very file (one folder), or the same id and name."""
+@pytest.mark.parametrize("val_images, how", [("same folder", "the same file"),
+                                             ("a copy", "a copy: same name, same bytes"),
+                                             ("other pixels", None)])
+def test_train_and_val_sharing_images(tmp_path, capsys, val_images, how):
+    """val lists train's 2.png: the very file (one folder), a copy of it, or another image
+    that only shares the name and id (not shared: two datasets may both count from 1)."""
     train_argv = write_split(tmp_path / "train")
     val = {**BASE, "images": [BASE["images"][1]], "annotations": [BASE["annotations"][1]]}
-    val_folder = tmp_path / "train" if same_folder else tmp_path / "val"
-    write_split(tmp_path / "val", val)
+    write_split(tmp_path / "val", val, sizes={"2.png": (W, H) if val_images == "a copy" else (W, H + 1)})
+    val_folder = tmp_path / ("train" if val_images == "same folder" else "val")
     argv = train_argv + ["--val_json", str(tmp_path / "val" / "ann.json"), "--val_images", str(val_folder / "img")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "train/val overlap: 1" in out and "2.png is also train image id 2" in out
-    assert ("the same file" if same_folder else "the same id and file name") in out
+    if how is None:
+        assert "overlap" not in out
+    else:
+        assert "train/val overlap: 1" in out and "2.png is also train image id 2" in out and how in out
 
 
 def test_both_splits_errors_reported_together(tmp_path, capsys):
@@ -251,4 +256,4 @@ def test_coco_path_layout(tmp_path, capsys):
     assert main(["--coco_path", str(root)]) == 1
     out = capsys.readouterr().out
     assert "instances_val2017.json, image id 1: 1.png is not in" in out
-    assert "train/val overlap: 2" in out     # the same ids and names in both: flagged
+    assert "train/val overlap: 1" in out     # 2.png: write_split's images are equal grey, copies
