@@ -38,12 +38,19 @@ def get_args_parser():
 
 
 def save_checkpoint(path, model, optimizer, scheduler, scaler, cfg, epoch, step, rngs):
-    """rngs: every rank's rng_state(), so each rank resumes with its own random numbers."""
-    save_atomic({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "epoch": epoch, "step": step, "config": cfg.to_dict(), "rng": rngs,
-                 "world_size": len(rngs)}, path)
+    """rngs: every rank's rng_state(), so each rank resumes with its own random numbers.
+
+    A write that fails (a full disk) stops the run; save_atomic leaves the previous file whole.
+    """
+    try:
+        save_atomic({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "epoch": epoch, "step": step, "config": cfg.to_dict(), "rng": rngs,
+                     "world_size": len(rngs)}, path)
+    except OSError as err:
+        sys.exit(f"error: cannot write {path}: {err.strerror or err}; the checkpoint saved there "
+                 f"before (if any) is unchanged: free some space, then continue with --resume {path}")
 
 
 def unwrap(model):
