@@ -54,7 +54,7 @@ KINDS = {   # kind: (severity, what it breaks, or what training does with it)
     "clipped": (WARNING, "clipped to the image"),
     "iscrowd": (WARNING, "dropped: DETR does not train on crowd regions"),
     "missing area or iscrowd": (WARNING, "filled in: iscrowd 0, area of the clipped box"),
-    "unused category": (WARNING, "no annotation has it in this split"),
+    "unused category": (WARNING, "no box training uses has it in this split"),
     "train/val overlap": (WARNING, "val AP would be optimistic"),
 }
 
@@ -259,13 +259,14 @@ def check_annotations(data, images, categories, json_file, findings):
         findings += [Finding(kind, json_file, image_id, ann["id"], message) for kind, message in problems]
         if problems:
             continue
-        used.add(ann["category_id"])
         if "area" not in ann or "iscrowd" not in ann:
             findings.append(Finding("missing area or iscrowd", json_file, image_id, ann["id"],
                                     f"lacks {[k for k in ('area', 'iscrowd') if k not in ann]}"))
         width, height = images[image_id]["width"], images[image_id]["height"]
         kind, box = box_fate(ann["bbox"], width, height, ann.get("iscrowd", 0))
-        usable += box is not None
+        if box is not None:
+            usable += 1
+            used.add(ann["category_id"])
         if kind:
             findings.append(Finding(kind, json_file, image_id, ann["id"], _box_message(kind, ann, width, height)))
     return usable, used

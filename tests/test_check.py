@@ -88,6 +88,9 @@ CASES = [
     ("missing area or iscrowd", with_("annotations", {"id": 30, "image_id": 2, "category_id": 1,
                                                       "bbox": [1, 1, 4, 4]}), [(2, 30)], ["'area'"]),
     ("unused category", with_("categories", {"id": 5, "name": "e"}), [(None, None)], ["category id 5", "'e'"]),
+    ("unused category", {**BASE, "annotations": [BASE["annotations"][0], ann(20, image_id=2, category_id=2,
+                                                                           bbox=(5, 5, 0, 4))]},
+     [(None, None)], ["category id 2", "'b'"]),                             # its only box is dropped
 ]
 
 
