@@ -17,7 +17,8 @@ A defect is a Finding(kind, file, image_id, ann_id, message); its kind fixes its
 
 Cost: plain dicts and sets; one directory listing per image folder instead of a stat per
 image; no image decoded unless --images asks for the pixel checks (readable, and the size
-the json says). A COCO-sized json (118k images, 860k annotations) checks in seconds.
+the json says). A json of COCO's size (118k images, 860k annotations, 200 MB) took 23 s on
+two busy CPU cores, half of it json.load.
 """
 import argparse
 import filecmp
@@ -92,10 +93,6 @@ _NUMBER = (int, float)   # exact types: a bool is an int to isinstance, not a co
 _ID = (int, str)         # what an id may be (COCO's are ints; some tools write strings)
 
 
-def _is_number(v):
-    return type(v) in _NUMBER
-
-
 def _progress(items, desc, show):
     """A progress bar on a terminal only (tqdm's disable=None), never in logs or pipes."""
     return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=None if show else True)
@@ -121,14 +118,18 @@ def box_fate(bbox, width, height, iscrowd=0):
     return (None if box == [x, y, x + w, y + h] else "clipped"), box
 
 
-def _how_far(kind, bbox, width, height):
-    """How far a box reaches out of (clipped) or lies beyond (wholly outside) the image."""
+def _box_message(kind, bbox, width, height):
+    """What box_fate found, and how far a box reaches out of or lies beyond the image."""
     x, y, w, h = bbox
+    if kind == "iscrowd":
+        return "iscrowd is set"
+    if kind == "w or h <= 0":
+        return f"bbox {bbox} has no area"
     if kind == "clipped":   # the parts cut off, per side
         out = (("left", -x), ("top", -y), ("right", x + w - width), ("bottom", y + h - height))
         parts = [f"{d:g} px past the {side} edge" for side, d in out if d > 0]
         return f"bbox {bbox} reaches {', '.join(parts)} of the {width}x{height} image"
-    # the gap between the image and the box, on a side the box lies wholly beyond
+    # wholly outside: the gap between the image and the box, on a side the box lies beyond
     gaps = (("left", -(x + w)), ("top", -(y + h)), ("right", x - width), ("bottom", y - height))
     side, gap = max(gaps, key=lambda g: g[1])
     return f"bbox {bbox} lies {gap:g} px beyond the {side} edge of the {width}x{height} image"
@@ -174,7 +175,7 @@ def check_images(data, json_file, findings):
                             json_file, findings):
         image_id, name = img["id"], img["file_name"]
         if not (type(image_id) in _ID and isinstance(name, str)
-                and _is_number(img["width"]) and _is_number(img["height"])
+                and type(img["width"]) in _NUMBER and type(img["height"]) in _NUMBER
                 and img["width"] > 0 and img["height"] > 0):
             findings.append(Finding("malformed entry", json_file, message=f"image entry needs an int or "
                                     f"str id, a str file_name and positive width/height: {str(img)[:120]}"))
@@ -194,7 +195,7 @@ def check_categories(data, json_file, findings):
     names = {}
     for cat in _well_formed(data["categories"], "categories", ("id", "name"), json_file, findings):
         cat_id = cat["id"]
-        if not (isinstance(cat_id, int) and not isinstance(cat_id, bool) and cat_id >= 0):
+        if not (type(cat_id) is int and cat_id >= 0):
             findings.append(Finding("bad category id", json_file, message=f"category id {cat_id!r} "
                                     f"({cat['name']!r}) is not an integer >= 0"))
         elif cat_id in names:
@@ -237,14 +238,6 @@ def _reference_errors(ann, seen, images, listed, categories):
     return problems
 
 
-def _box_message(kind, ann, width, height):
-    if kind == "iscrowd":
-        return "iscrowd is set"
-    if kind == "w or h <= 0":
-        return f"bbox {ann['bbox']} has no area"
-    return _how_far(kind, ann["bbox"], width, height)
-
-
 def check_annotations(data, images, categories, json_file, findings):
     """References, ids and boxes of every annotation -> (usable boxes, category ids used)."""
     seen, used, usable = set(), set(), 0
@@ -268,7 +261,8 @@ def check_annotations(data, images, categories, json_file, findings):
             usable += 1
             used.add(ann["category_id"])
         if kind:
-            findings.append(Finding(kind, json_file, image_id, ann["id"], _box_message(kind, ann, width, height)))
+            findings.append(Finding(kind, json_file, image_id, ann["id"],
+                                    _box_message(kind, ann["bbox"], width, height)))
     return usable, used
 
 
@@ -305,7 +299,8 @@ def check_pixels(images, json_file, image_folder, show_progress=True):
                 image.load()   # a full decode: truncation shows here, as it would in training
                 size = image.size
         except (OSError, SyntaxError, ValueError) as e:
-            findings.append(Finding("unreadable image", json_file, img["id"], message=f"{img['file_name']}: {e}"))
+            findings.append(Finding("unreadable image", json_file, img["id"],
+                                    message=f"{img['file_name']}: {e}"))
             continue
         if size != (img["width"], img["height"]):
             findings.append(Finding("image size mismatch", json_file, img["id"], message=(
@@ -362,19 +357,15 @@ def check_overlap(train, val):
             other, how = by_path[path], "the same file"
         elif img.get("file_name") in by_name:   # few candidates: compare their bytes
             candidate = by_name[img.get("file_name")]
-            if _same_bytes(path, path_of(train_folder, candidate)):
-                other, how = candidate, "a copy: same name, same bytes"
+            try:
+                if filecmp.cmp(path, path_of(train_folder, candidate), shallow=False):
+                    other, how = candidate, "a copy: same name, same bytes"
+            except OSError:   # a missing file: check_files reports it
+                pass
         if other is not None:
             findings.append(Finding("train/val overlap", val_json, img.get("id"), message=(
                 f"{img.get('file_name')} is also train image id {other.get('id')} in {train_json} ({how})")))
     return findings
-
-
-def _same_bytes(path_a, path_b):
-    try:
-        return filecmp.cmp(path_a, path_b, shallow=False)
-    except OSError:   # a missing file is reported by check_files
-        return False
 
 
 def check_splits(files, pixels=False, show_progress=True):
@@ -399,7 +390,7 @@ def check_before_training(files, verbose=True):
     if errors:
         raise DatasetError(errors)
     if verbose:
-        for json_file, _ in files.values():
+        for json_file in dict.fromkeys(json_file for json_file, _ in files.values()):   # once each
             line = warning_line(findings, json_file)
             if line:
                 print(f"warning: {line}", file=sys.stderr, flush=True)

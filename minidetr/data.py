@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from minidetr.check import DatasetError, box_fate, check_split, split_files, warning_line
+from minidetr.check import ERROR, DatasetError, box_fate, check_split, split_files, warning_line
 # re-exported: engine.py, eval.py, tests and users import the shapes generator from here
 from minidetr.shapes import SHAPE_NAMES, default_shapes_root, make_shapes_dataset  # noqa: F401
 
@@ -259,8 +259,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         if data is None:
             data, findings = check_split(self.ann_file)
-            if any(f.severity == 'error' for f in findings):
-                raise DatasetError([f for f in findings if f.severity == 'error'])
+            errors = [f for f in findings if f.severity == ERROR]
+            if errors:
+                raise DatasetError(errors)
             line = warning_line(findings, self.ann_file)
             if line:
                 warnings.warn(line, stacklevel=2)
