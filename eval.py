@@ -65,12 +65,22 @@ def load_model(path, overrides, device, variant=None):
         except ValueError as err:
             sys.exit(f"error: cannot convert {path} as --variant {variant}: {err}")
         settings = cfg.to_dict()
-    fields = {f.name for f in dataclasses.fields(Config)}
-    settings = {k: v for k, v in settings.items() if k in fields}
+    # a file from another version of minidetr: a setting it lacks takes its preset's value,
+    # one this version does not know is ignored; weights that then do not fit are an error
+    defaults = Config.for_variant(settings.get("variant", "detr"), settings.get("preset", "paper")).to_dict()
+    missing = sorted(set(defaults) - set(settings))
+    settings = {**defaults, **{k: v for k, v in settings.items() if k in defaults}}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     cfg = Config(**settings).validate()
     model, criterion, postprocess = build(cfg)
-    model.load_state_dict(state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
+        detail = " ".join(str(err).split())
+        raise ValueError(f"the weights in {path} do not fit the model its config describes"
+                         + (f"; its config lacks {missing} (saved by another version of minidetr?), "
+                            f"which took the preset's values" if missing else "")
+                         + f" ({detail[:200]}...)") from None
     return cfg, model.to(device).eval(), criterion, postprocess
 
 

@@ -32,8 +32,8 @@ from minidetr import build, distributed
 from minidetr.config import add_arguments, config_from_args
 from minidetr.data import move_targets
 from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
-                             fit_num_classes, load_training_state, load_weights, make_loader,
-                             non_finite_message, read_resume)
+                             checkpoint_write_failed, fit_num_classes, load_training_state,
+                             load_weights, make_loader, non_finite_message, read_resume)
 from minidetr.evaluation import evaluate, format_stats
 from minidetr.losses import total_loss
 
@@ -128,7 +128,10 @@ def main(argv=None):
             finished = progress.end_epoch()
             if finished:
                 scheduler.step()
-            progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished)
+            try:
+                progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished)
+            except OSError as err:   # a full disk: save_atomic left the previous file whole
+                sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
             if progress.stop.should_stop():
                 interrupted(progress, out_dir)
                 break

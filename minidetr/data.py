@@ -21,8 +21,6 @@ itself; make_shapes_dataset, default_shapes_root and SHAPE_NAMES are re-exported
 """
 import contextlib
 import io
-import json
-import math
 import os
 import warnings
 
@@ -31,6 +29,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from minidetr.check import ERROR, DatasetError, box_fate, check_split, split_files, warning_line
 # re-exported: engine.py, eval.py, tests and users import the shapes generator from here
 from minidetr.shapes import SHAPE_NAMES, default_shapes_root, make_shapes_dataset  # noqa: F401
 
@@ -206,86 +205,23 @@ def make_transforms(split, preset='tiny', image_size=128):
 
 # ---- COCO-format dataset (pycocotools) ----
 
-def _load_json(ann_file):
-    """Read and shape-check a COCO json; ValueError names the file and the problem."""
-    try:
-        with open(ann_file, encoding='utf-8') as f:
-            data = json.load(f)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not text at all
-        raise ValueError(f"{ann_file}: malformed or incomplete json ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: top level must be an object, got {type(data).__name__}")
-    for key in ('images', 'annotations', 'categories'):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: missing or non-list '{key}'")
-    for kind, fields in (('images', ('id', 'file_name', 'width', 'height')),
-                         ('annotations', ('id', 'image_id', 'category_id', 'bbox')),
-                         ('categories', ('id', 'name'))):
-        for entry in data[kind]:
-            missing = [k for k in fields if k not in entry] if isinstance(entry, dict) else fields
-            if missing:
-                raise ValueError(f"{ann_file}: an entry of '{kind}' lacks {missing}: "
-                                 f"{str(entry)[:200]}")
-    return data
+def _objects_per_image(data):
+    """Per image: (xyxy box clipped to the image, label, area) of every box training uses.
 
-
-def _check_references(data, ann_file):
-    """Every annotation must name a known image and category and a 4-number bbox."""
-    image_ids = {img['id'] for img in data['images']}
-    category_ids = {cat['id'] for cat in data['categories']}
-    if not all(isinstance(i, int) and i >= 0 for i in category_ids):
-        raise ValueError(f"{ann_file}: category ids must be integers >= 0 (they are the "
-                         f"labels), got {sorted(map(str, category_ids))[:10]}")
-    for ann in data['annotations']:
-        if ann['category_id'] not in category_ids:
-            raise ValueError(f"{ann_file}: annotation id {ann['id']} has category_id "
-                             f"{ann['category_id']}, not in 'categories'")
-        if ann['image_id'] not in image_ids:
-            raise ValueError(f"{ann_file}: annotation id {ann['id']} refers to "
-                             f"image_id {ann['image_id']}, not in 'images'")
-        bbox = ann['bbox']
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
-            raise ValueError(f"{ann_file}: annotation id {ann['id']} has bbox {bbox}, "
-                             f"expected [x, y, w, h] numbers")
-
-
-def _clean_annotations(data):
-    """Per image: xyxy boxes clipped to the image, labels, areas; plus drop/clip counts.
-
-    DETR drops crowd regions and zero-area boxes and clips the rest; we do the same
-    once here, counting each case so one warning can report them.
+    check.box_fate decides what DETR keeps (crowd regions and empty boxes are dropped, the
+    rest clipped), the same function the dataset check counts the dropped ones with. The
+    json's annotations get COCO's area and iscrowd where they lack them, as COCOeval
+    reads both from every ground-truth box.
     """
     sizes = {img['id']: (img['width'], img['height']) for img in data['images']}
     per_image = {img_id: [] for img_id in sizes}
-    counts = {k: [] for k in ('iscrowd', 'w or h <= 0', 'wholly outside', 'clipped')}
     for ann in data['annotations']:
-        x, y, w, h = ann['bbox']
-        if ann.get('iscrowd', 0):
-            counts['iscrowd'].append(ann['id'])
-            continue
-        if w <= 0 or h <= 0:
-            counts['w or h <= 0'].append(ann['id'])
-            continue
-        width, height = sizes[ann['image_id']]
-        box = [min(max(x, 0), width), min(max(y, 0), height),
-               min(max(x + w, 0), width), min(max(y + h, 0), height)]
-        if box[2] <= box[0] or box[3] <= box[1]:
-            counts['wholly outside'].append(ann['id'])
-            continue
-        if box != [x, y, x + w, y + h]:
-            counts['clipped'].append(ann['id'])
-        area = ann.get('area', (box[2] - box[0]) * (box[3] - box[1]))
-        per_image[ann['image_id']].append((box, ann['category_id'], area))
-    return per_image, counts
-
-
-def _warn_counts(counts, ann_file):
-    if any(counts.values()):
-        parts = [f"{len(ids)} {why} (e.g. annotation ids {ids[:3]})"
-                 for why, ids in counts.items() if ids]
-        warnings.warn(f"{ann_file}: dropped or clipped annotations: " + '; '.join(parts)
-                      + " (dropped: iscrowd, w or h <= 0, wholly outside)", stacklevel=3)
+        _, box = box_fate(ann['bbox'], *sizes[ann['image_id']], ann.get('iscrowd', 0))
+        ann.setdefault('iscrowd', 0)
+        ann.setdefault('area', (box[2] - box[0]) * (box[3] - box[1]) if box else 0.0)
+        if box is not None:
+            per_image[ann['image_id']].append((box, ann['category_id'], ann['area']))
+    return per_image
 
 
 def _open_rgb(path, image_id):
@@ -309,19 +245,27 @@ class CocoDetection(torch.utils.data.Dataset):
     (raw category ids, DETR's convention, so num_classes = max id + 1), image_id int,
     area float [T], iscrowd int64 [T], orig_size int64 [2] (h, w) on disk, size int64
     [2] (h, w) after the transforms. transforms=None means ToTensor + Normalize only.
-    The json is checked once here; problems raise errors naming the file and the id.
+    data: the parsed json, already checked (train.py checks every split at its door,
+    minidetr/check.py); None reads ann_file and checks it here, json only: any error
+    raises check.DatasetError (a ValueError) naming the file and the ids, and what
+    training skips is named in one warning. Image files are read when an item is.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None):
+    def __init__(self, img_folder, ann_file, transforms=None, data=None):
         from pycocotools.coco import COCO
         self.img_folder, self.ann_file = str(img_folder), str(ann_file)
         if transforms is None:
             transforms = Compose([ToTensor(), Normalize()])
         self.transforms = transforms
-        data = _load_json(self.ann_file)
-        _check_references(data, self.ann_file)
-        self._objects, counts = _clean_annotations(data)
-        _warn_counts(counts, self.ann_file)
+        if data is None:
+            data, findings = check_split(self.ann_file)
+            errors = [f for f in findings if f.severity == ERROR]
+            if errors:
+                raise DatasetError(errors)
+            line = warning_line(findings, self.ann_file)
+            if line:
+                warnings.warn(line, stacklevel=2)
+        self._objects = _objects_per_image(data)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -357,20 +301,7 @@ class CocoDetection(torch.utils.data.Dataset):
 def build_dataset(split, *, coco_path=None, json_file=None, image_folder=None,
                   preset='tiny', image_size=128):
     """COCO (coco_path, official layout) or a custom json + image folder, for `split`."""
-    if split not in ('train', 'val'):
-        raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
-    if coco_path is not None:
-        image_folder = os.path.join(coco_path, f'{split}2017')
-        json_file = os.path.join(coco_path, 'annotations', f'instances_{split}2017.json')
-        for needed in (coco_path, image_folder, json_file):
-            if not os.path.exists(needed):
-                raise FileNotFoundError(f"COCO layout: {needed} is missing (expected "
-                                        f"train2017/, val2017/, annotations/instances_*.json)")
-    elif json_file is None or image_folder is None:
-        # no silent fallback to the shapes: a missing val path must not train on shapes
-        raise ValueError(f"build_dataset({split!r}): give coco_path, or json_file and "
-                         f"image_folder together (got json_file={json_file!r}, "
-                         f"image_folder={image_folder!r})")
+    json_file, image_folder = split_files(split, coco_path, json_file, image_folder)
     return CocoDetection(image_folder, json_file, make_transforms(split, preset, image_size))
 
 

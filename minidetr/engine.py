@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from minidetr import distributed
+from minidetr.check import check_before_training, split_files
 from minidetr.checkpoint import is_official_checkpoint, load_safely, rng_state, save_atomic, set_rng_state
-from minidetr.data import (CocoDetection, build_dataset, collate_fn, default_shapes_root,
-                           make_shapes_dataset, make_transforms)
+from minidetr.data import (CocoDetection, collate_fn, default_shapes_root, make_shapes_dataset,
+                           make_transforms)
 
 
 class DataError(RuntimeError):
@@ -62,25 +63,26 @@ def build_optimizer(model, cfg):
 def build_datasets(cfg):
     """(train, val) datasets: COCO, a custom COCO-format pair, or the built-in shapes.
 
-    train is None with cfg.eval. The class count they need is checked by `fit_num_classes`.
+    train is None with cfg.eval. Every split is checked before any is built
+    (minidetr/check.py): DatasetError lists every defect that would stop or corrupt the run,
+    and what training skips is named once. The class count they need is checked by
+    `fit_num_classes`.
     """
+    splits = ("val",) if cfg.eval else ("train", "val")
     if cfg.coco_path or cfg.train_json or cfg.val_json:
-        train = None if cfg.eval else build_dataset(
-            "train", coco_path=cfg.coco_path, json_file=cfg.train_json,
-            image_folder=cfg.train_images, preset=cfg.preset, image_size=cfg.image_size)
-        val = build_dataset("val", coco_path=cfg.coco_path, json_file=cfg.val_json,
-                            image_folder=cfg.val_images, preset=cfg.preset, image_size=cfg.image_size)
-        return train, val
-    root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
-    if distributed.is_main_process():      # one writer; the others wait for it
-        make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-    distributed.barrier()
-    paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-    train = CocoDetection(paths["train_images"], paths["train_json"],
-                          make_transforms("train", cfg.preset, cfg.image_size))
-    val = CocoDetection(paths["val_images"], paths["val_json"],
-                        make_transforms("val", cfg.preset, cfg.image_size))
-    return train, val
+        files = {s: split_files(s, cfg.coco_path, getattr(cfg, f"{s}_json"), getattr(cfg, f"{s}_images"))
+                 for s in splits}
+    else:
+        root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
+        if distributed.is_main_process():      # one writer; the others wait for it
+            make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+        distributed.barrier()
+        paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+        files = {s: (paths[f"{s}_json"], paths[f"{s}_images"]) for s in splits}
+    data = check_before_training(files, verbose=distributed.is_main_process())
+    built = {s: CocoDetection(folder, json_file, make_transforms(s, cfg.preset, cfg.image_size), data=data[s])
+             for s, (json_file, folder) in files.items()}
+    return built.get("train"), built["val"]
 
 
 def fit_num_classes(cfg, datasets, num_classes_given):
@@ -342,6 +344,13 @@ class TrainingProgress:
                      "rng": rngs, "world_size": len(rngs)}, os.path.join(out_dir, "checkpoint.pth"))
         if finished:
             rotate_checkpoints(out_dir, self.epoch, self.cfg.keep_checkpoints)
+
+
+def checkpoint_write_failed(err, out_dir):
+    """What to say when writing checkpoint.pth failed (a full disk, say)."""
+    path = os.path.join(out_dir, "checkpoint.pth")
+    return (f"cannot write {path}: {err.strerror or err}; the checkpoint saved there before (if any) "
+            f"is unchanged: free some space, then continue with --resume {path}")
 
 
 # ---- per-step bookkeeping ----

@@ -1,6 +1,7 @@
 """End to end: the tiny model overfits two shapes images (scored by pycocotools through the
-same evaluation path train.py uses), a bf16 autocast step is finite, and the two scripts
-run, log, checkpoint, evaluate and draw."""
+same evaluation path train.py uses), a bf16 autocast step is finite, the two scripts
+run, log, checkpoint, evaluate and draw, and eval.py reads a checkpoint of another version
+(missing or unknown config fields) and stops on a broken val split."""
 import json
 import sys
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 import minidetr
+from minidetr.checkpoint import load_safely, save_atomic
 from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
 from minidetr.engine import build_optimizer
 from minidetr.evaluation import autocast, evaluate
@@ -103,3 +105,56 @@ def test_eval_script_mistakes_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--image .* does not exist"):
         eval_script.main(["--resume", str(tmp_path / "none.pth"), "--image", str(tmp_path / "x.png"),
                           "--out", str(tmp_path / "o.png")])
+
+
+# ---- eval.py on files from elsewhere: another version's checkpoint, a broken val split ----
+
+def untrained_checkpoint(path):
+    """A minidetr checkpoint of a freshly built small dn model (eval.py needs no training)."""
+    cfg = minidetr.Config.for_variant("dn", "tiny", hidden_dim=32, nheads=4, dim_feedforward=64,
+                                      enc_layers=1, dec_layers=2, num_queries=8, num_select=8,
+                                      shapes_train=4, shapes_val=2, image_size=32, batch_size=2)
+    torch.manual_seed(0)
+    model, _, _ = minidetr.build(cfg)
+    save_atomic({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    return load_safely(str(path))
+
+
+def test_eval_checkpoint_of_another_version(tmp_path, monkeypatch):
+    """A config lacking fields (backbone_stage, giou_eps) and holding an unknown one: the
+    missing ones take the preset's values and the scores equal the intact file's; lacking
+    hidden_dim (32 here, 128 in the preset) the weights cannot fit: one line naming it."""
+    monkeypatch.setenv("MINIDETR_DATA", str(tmp_path / "data"))
+    ckpt = untrained_checkpoint(tmp_path / "intact.pth")
+    intact = eval_script.main(["--resume", str(tmp_path / "intact.pth")])
+    for key in ("backbone_stage", "giou_eps"):
+        del ckpt["config"][key]
+    ckpt["config"]["a_field_from_the_future"] = 1
+    save_atomic(ckpt, tmp_path / "older.pth")
+    assert eval_script.main(["--resume", str(tmp_path / "older.pth")])["stats"] == intact["stats"]
+    del ckpt["config"]["hidden_dim"]
+    save_atomic(ckpt, tmp_path / "oldest.pth")
+    with pytest.raises(SystemExit) as exc:
+        eval_script.main(["--resume", str(tmp_path / "oldest.pth")])
+    assert exc.value.code.startswith(
+        f"error: the weights in {tmp_path / 'oldest.pth'} do not fit the model its config describes; "
+        f"its config lacks ['backbone_stage', 'giou_eps', 'hidden_dim'] (saved by another version of "
+        f"minidetr?), which took the preset's values (Error(s) in loading state_dict")
+
+
+def test_eval_stops_on_a_broken_val_split(tmp_path):
+    """eval.py checks its val split before evaluating: two images sharing id 1 are named."""
+    untrained_checkpoint(tmp_path / "ckpt.pth")
+    (tmp_path / "img").mkdir()
+    images = [{"id": 1, "file_name": f"{name}.png", "width": 40, "height": 30} for name in ("a", "b")]
+    for info in images:
+        Image.new("RGB", (40, 30)).save(tmp_path / "img" / info["file_name"])
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}]
+    (tmp_path / "val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                   "categories": [{"id": 1, "name": "x"}]}))
+    with pytest.raises(SystemExit) as exc:
+        eval_script.main(["--resume", str(tmp_path / "ckpt.pth"), "--val_json", str(tmp_path / "val.json"),
+                          "--val_images", str(tmp_path / "img")])
+    message = exc.value.code
+    assert message.startswith("error: the dataset has 1 error(s)")
+    assert f"{tmp_path / 'val.json'}, image id 1: used by both a.png and b.png" in message

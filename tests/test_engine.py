@@ -1,12 +1,15 @@
 """Tests for the training loop (train.py, on minidetr/engine.py's TrainingProgress, driven through train.main): a run split
 by --max_steps or by SIGINT and resumed ends with exactly the weights of an uninterrupted
 run; SIGTERM during evaluation stops before the next step; a non-finite loss stops with
-epoch, step and term and keeps the last checkpoint; checkpoints are written atomically and
-rotated; only rank 0 writes.
+epoch, step and term and keeps the last checkpoint; so does a disk that fills while a
+checkpoint is written; a checkpoint from another version of minidetr (a config field missing,
+an unknown one) resumes exactly; checkpoints are written atomically and rotated; only rank 0
+writes.
 
 Every run is a tiny model (1 encoder, 2 decoder layers, 32-d) on 8 shapes images of 32 px,
 2 epochs of 2 steps, so a run takes a few seconds on two CPU cores.
 """
+import errno
 import io
 import os
 import signal
@@ -208,6 +211,46 @@ def test_failed_save_keeps_old_checkpoint_and_leaves_no_temp_file(tmp_path, monk
         save_atomic({"w": torch.arange(1000.0)}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert torch.equal(load_safely(path)["w"], torch.arange(3.0))
+
+
+def test_disk_full_while_saving_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                straight_dn):
+    """Resume from the end of epoch 0; the disk fills half-way through the next checkpoint
+    (torch.save writes half, then ENOSPC): the run stops with one line saying so, and
+    checkpoint.pth is byte-for-byte the previous one, with no temporary file beside it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    good = (straight_dn / "checkpoint_e0001.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(good)
+    real_save = torch.save
+
+    def disk_fills(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", disk_fills)
+    path = str(out / "checkpoint.pth")
+    with pytest.raises(SystemExit) as exc:
+        train.main(DN + ["--output_dir", str(out), "--resume", path])
+    assert exc.value.code == (f"error: cannot write {path}: {os.strerror(errno.ENOSPC)}; the checkpoint "
+                              f"saved there before (if any) is unchanged: free some space, then continue "
+                              f"with --resume {path}")
+    assert (out / "checkpoint.pth").read_bytes() == good
+    assert sorted(os.listdir(out)) == ["checkpoint.pth"]
+
+
+def test_resume_checkpoint_of_another_version_continues_exactly(tmp_path, straight_dn):
+    """A checkpoint whose 'config' lacks a field of today's Config (giou_eps, added later) and
+    holds one this version does not know: resuming it still ends at the straight run's weights
+    (train.py takes its settings from the command line; the saved ones are only compared)."""
+    ckpt = load(straight_dn / "checkpoint_e0001.pth")
+    del ckpt["config"]["giou_eps"]
+    ckpt["config"]["a_field_from_the_future"] = 1
+    out = tmp_path / "run"
+    save_atomic(ckpt, out / "checkpoint.pth")
+    train.main(DN + ["--output_dir", str(out), "--resume", str(out / "checkpoint.pth")])
+    assert_same_state(load(out / "checkpoint.pth"), load(straight_dn / "checkpoint.pth"))
 
 
 def test_keep_checkpoints_rotation(tmp_path):

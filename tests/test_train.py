@@ -1,11 +1,15 @@
 """Tests for train.py's command line: each mistake (unknown variant or preset, a COCO folder
 without the official layout, --num_classes below the largest category id, a checkpoint of
 another variant or preset, one that needs pickled code, a missing or corrupt one) stops
-with one line saying what to do, no traceback; under torchrun a failing rank names itself
-and exits instead of hanging.
+with one line saying what to do, no traceback; a dataset with errors stops before the model
+is built, with every error of both splits in one message; under torchrun a failing rank
+names itself and exits instead of hanging, and a rank killed mid-epoch does not leave the
+other waiting.
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -88,6 +92,86 @@ def test_num_classes_below_largest_category_id(tmp_path, split_with_id_5):
     message = error_of(argv)
     assert message == (f"error: --num_classes 3 is smaller than the largest category id + 1 = 6 "
                        f"in {tmp_path / split_with_id_5 / 'ann.json'}; pass --num_classes 6 or more")
+
+
+# ---- the dataset is checked at the door: every error at once, before the model is built ----
+
+def door_error(monkeypatch, tmp_path, edit_train=None, edit_val=None):
+    """train.main on write_custom's splits after edit_<split>(json dict); the message it exits
+    with. build() fails the test if reached: the check must come before the model."""
+    monkeypatch.setattr(train, "build", lambda cfg: pytest.fail("the model was built"))
+    argv = ["--preset", "tiny", *TINY_RUN]
+    for split, edit in (("train", edit_train), ("val", edit_val)):
+        json_file, folder = write_custom(tmp_path / split, [1, 2])
+        data = json.loads(open(json_file).read())
+        (edit or (lambda d: None))(data)
+        open(json_file, "w").write(json.dumps(data))
+        argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
+    return error_of(argv)
+
+
+def test_empty_training_split_stops_before_training(monkeypatch, tmp_path):
+    """'images': [] (was KeyError: 'loss' after the first epoch)."""
+    message = door_error(monkeypatch, tmp_path, edit_train=lambda d: d.update(images=[], annotations=[]))
+    assert message.startswith("error: the dataset has 1 error(s); nothing was trained.")
+    assert f"    {tmp_path / 'train' / 'ann.json'}: 'images' is empty" in message.splitlines()
+
+
+def test_split_empty_after_filtering_stops_before_training(monkeypatch, tmp_path):
+    """Both boxes crowd regions: nothing left to train on, said before training."""
+    def all_crowd(data):
+        for ann in data["annotations"]:
+            ann["iscrowd"] = 1
+    message = door_error(monkeypatch, tmp_path, edit_train=all_crowd)
+    assert (f"    {tmp_path / 'train' / 'ann.json'}: none of its 2 annotations is usable: every one is "
+            f"dropped (see the warnings)") in message.splitlines()
+
+
+def test_duplicate_image_id_names_the_id_and_both_files(monkeypatch, tmp_path):
+    """Images 1.png and 2.png both id 1 (trained silently on wrong targets before)."""
+    def same_id(data):
+        data["images"][1]["id"] = 1
+        data["annotations"][1]["image_id"] = 1
+    message = door_error(monkeypatch, tmp_path, edit_train=same_id)
+    assert f"    {tmp_path / 'train' / 'ann.json'}, image id 1: used by both 1.png and 2.png" in message.splitlines()
+
+
+def test_missing_image_stops_before_training(monkeypatch, tmp_path):
+    """A file missing before the run is found at the door, not when a batch reaches it."""
+    message = door_error(monkeypatch, tmp_path, edit_val=lambda d: d["images"][1].update(file_name="gone.png"))
+    assert f"    {tmp_path / 'val' / 'ann.json'}, image id 2: gone.png is not in {tmp_path / 'val' / 'img'}" \
+        in message.splitlines()
+
+
+def test_errors_of_both_splits_listed_at_once(monkeypatch, tmp_path):
+    """A NaN box in train and an unknown category in val: one message holds both."""
+    message = door_error(monkeypatch, tmp_path,
+                         edit_train=lambda d: d["annotations"][0].update(bbox=[2, 2, float("nan"), 8]),
+                         edit_val=lambda d: d["annotations"][1].update(category_id=9))
+    lines = message.splitlines()
+    assert message.startswith("error: the dataset has 2 error(s)")
+    assert f"    {tmp_path / 'train' / 'ann.json'}, image id 1, annotation id 1: bbox [2, 2, nan, 8] is not " \
+           f"four finite numbers [x, y, w, h]" in lines
+    assert f"    {tmp_path / 'val' / 'ann.json'}, image id 2, annotation id 2: category_id 9 is not in " \
+           f"'categories'" in lines
+
+
+def test_skipped_boxes_named_once_on_stderr(tmp_path, capsys):
+    """A box of no width in train: one warning line naming the kind and the annotation id."""
+    argv = ["--preset", "tiny", *TINY_RUN]
+    for split in ("train", "val"):
+        json_file, folder = write_custom(tmp_path / split, [1, 2])
+        argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
+    train_json = tmp_path / "train" / "ann.json"
+    data = json.loads(train_json.read_text())
+    data["annotations"][1]["bbox"] = [2, 2, 0, 8]          # annotation 2, of image 2
+    train_json.write_text(json.dumps(data))
+    cfg = train.config_from_args(train.get_args_parser().parse_args(argv))
+    train_set, _ = train.build_datasets(cfg)
+    assert [len(train_set._objects[i]) for i in (1, 2)] == [1, 0]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if str(train_json) in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {train_json}: ")
+    assert "1 w or h <= 0 (dropped; e.g. annotation ids [2])" in warnings[0]
 
 
 # ---- --resume with a checkpoint that cannot continue this run ----
@@ -215,37 +299,90 @@ def test_single_process_errors_pass_through(monkeypatch):
         train.run_rank([])
 
 
+def write_driver(tmp_path, rank1_code):
+    """A script that runs train.run_rank after rank 1 has run `rank1_code` (its sabotage)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, signal, sys\nsys.path.insert(0, {REPO!r})\nimport minidetr, train\n"
+                      f"if os.environ['RANK'] == '1':\n{rank1_code}train.run_rank(sys.argv[1:])\n")
+    return str(driver)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_rank_failure_brings_the_job_down(tmp_path):
     """Two gloo ranks; rank 1 fails while rank 0 waits for it in a collective: the job ends
     within seconds with a non-zero status and rank 1's message, rather than hanging."""
-    import socket
-    driver = tmp_path / "driver.py"
-    driver.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport train\n"
-                      "if os.environ['RANK'] == '1':\n"
-                      "    def fail(cfg):\n"
-                      "        raise ValueError('rank 1 cannot read its data')\n"
-                      "    train.build_datasets = fail\n"
-                      "train.run_rank(sys.argv[1:])\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    driver = write_driver(tmp_path, "    def fail(cfg):\n"
+                                    "        raise ValueError('rank 1 cannot read its data')\n"
+                                    "    train.build_datasets = fail\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(driver), *TINY_RUN],
+                           "--master_port", str(free_port()), driver, *TINY_RUN],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MINIDETR_DATA": str(tmp_path / "data")})
     assert done.returncode != 0
     assert "[rank 1] error: rank 1 cannot read its data\n" in done.stderr
 
 
+# rank 1 kills itself (SIGKILL: no message, no clean-up, as the OOM killer would) in its
+# second training step, after one gradient all-reduce went through
+KILLED_MID_EPOCH = """\
+    def build(cfg):
+        model, criterion, postprocess = minidetr.build(cfg)
+        forward, calls = criterion.forward, []
+        def dying(outputs, targets):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forward(outputs, targets)
+        criterion.forward = dying
+        return model, criterion, postprocess
+    train.build = build
+"""
+
+
+def test_rank_killed_mid_epoch_the_other_exits_with_a_message(tmp_path):
+    """Two gloo ranks started without torchrun (so no agent stops the survivor for us): rank 1
+    is killed mid-epoch; rank 0, waiting for it in an all-reduce, exits non-zero within 60 s of
+    the kill (the process group's timeout is 30 minutes) saying which rank it is and that its
+    peer went away."""
+    driver = write_driver(tmp_path, KILLED_MID_EPOCH)
+    argv = [sys.executable, driver, *TINY_RUN, "--batch_size", "2", "--shapes_train", "8"]   # 2 steps per rank
+    env = {**os.environ, "MINIDETR_DATA": str(tmp_path / "data"), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen(argv, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        assert ranks[1].wait(timeout=180) == -signal.SIGKILL
+        _, err = ranks[0].communicate(timeout=60)
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert ranks[0].returncode == 1
+    # gloo's words depend on when the peer vanished: a closed or a reset connection
+    assert "[rank 0] Traceback" in err and re.search(r"Connection (closed|reset) by peer", err), err[-2000:]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
-def test_missing_image_met_while_training_is_one_line(tmp_path, workers):
-    """An image file deleted after the dataset was built: one line naming it, no traceback,
-    also when a DataLoader worker met it."""
+def test_missing_image_met_while_training_is_one_line(tmp_path, monkeypatch, workers):
+    """An image file deleted after the dataset was checked and built: one line naming it, no
+    traceback, also when a DataLoader worker met it. (Deleted before the run, it stops the
+    run at the door: test_missing_image_stops_before_training.)"""
     argv = ["--preset", "tiny", *TINY_RUN, "--epochs", "1", "--num_workers", str(workers)]
     for split in ("train", "val"):
         json_file, folder = write_custom(tmp_path / split, [1, 2])
         argv += [f"--{split}_json", json_file, f"--{split}_images", folder]
-    os.remove(tmp_path / "train" / "img" / "2.png")
+    build_datasets = train.build_datasets
+
+    def build_then_delete(*args):
+        datasets = build_datasets(*args)
+        os.remove(tmp_path / "train" / "img" / "2.png")
+        return datasets
+    monkeypatch.setattr(train, "build_datasets", build_then_delete)
     with pytest.raises(SystemExit) as exc:
         train.main_with_data_errors(argv)
     message = exc.value.code
