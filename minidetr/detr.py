@@ -211,5 +211,6 @@ def build(cfg="detr", preset="paper", **overrides):
                                     cfg.dec_layers, cfg.aux_loss, cfg.dn)
     criterion = SetCriterion(cfg.num_classes, matcher, weight_dict, eos_coef=cfg.eos_coef,
                              focal_alpha=cfg.focal_alpha, aux_loss=cfg.aux_loss, giou_eps=cfg.giou_eps)
+    criterion.check_logits(class_embed.out_features)   # once, here, not on every loss call
     postprocess = PostProcess(focal, cfg.num_select)
     return model, criterion, postprocess
