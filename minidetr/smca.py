@@ -26,9 +26,10 @@ Equations as implemented (numbered here, in the paper's order; O_q = the query's
 
 Differs from vanilla DETR in:
   - the decoder's cross-attention logits get + log G (through DecoderLayer's cross_bias);
-  - each decoder layer has norm4 (O_q = norm4(tgt + query_pos)) and heads point2 (per-head
-    offsets) and point3 (per-head scales); layer 0 also has point1 (the centre, Eq. 2),
-    which later layers reuse;
+  - each decoder layer has query_norm (O_q = query_norm(tgt + query_pos)) and heads
+    offset_head (per-head offsets, Eq. 6) and scale_head (per-head scales, Eq. 3); layer 0
+    also has centre_head (the centre, Eq. 2), which later layers reuse (the released
+    checkpoints call them norm4, point2, point3, point1; convert.py renames them);
   - the box head predicts (cx, cy) as offsets, in logit space, from that centre (box_ref);
   - classification is sigmoid focal over the classes (set by the config, not here);
   - optionally (smca_multiscale): strides 16/32/64, the intra/multi-scale encoder and Eq. 7-8.
@@ -44,7 +45,7 @@ from minidetr.backbone import stage_strides
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, LearnedQueries,
                                   MultiheadAttention, xavier_init)
 
-SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # point3 outputs per head and scale level
+SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # scale_head outputs per head and scale level
 
 
 # ---- the Gaussian prior ----
@@ -59,7 +60,7 @@ def gaussian_log_weight(centers, scales, spatial_shape, beta):
     The reference code learns the inverse width, so that is what `scales` are:
         log G(i, j) = -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) / beta
     which is the paper's Eq. (4) with s_w = 1 / s_x, s_h = 1 / s_y. Keeping the code's form
-    lets the released checkpoints convert unchanged (their point3 predicts s, squared here).
+    lets the released checkpoints convert unchanged (their point3, our scale_head, predicts s).
     """
     y, x = spatial_shape
     cols = torch.arange(x, dtype=centers.dtype, device=centers.device)   # i, the x coordinate
@@ -214,12 +215,12 @@ class ScaleSelectionCrossAttention(MultiheadAttention):
 class SMCADecoderLayer(DecoderLayer):
     """DETR's decoder layer (unchanged, statement for statement) + the Gaussian prior.
 
-    predicts_centre: True for layer 0 (has point1, the centre MLP of Eq. 2); later layers
-    reuse layer 0's centre, as the reference. scale: 'fixed' (scale 1, no point3), 'shared'
-    (one scale per head, point3 = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
+    predicts_centre: True for layer 0 (has centre_head, the centre MLP of Eq. 2); later layers
+    reuse layer 0's centre, as the reference. scale: 'fixed' (scale 1, no scale_head), 'shared'
+    (one scale per head, scale_head = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
     the reference's README setting `--dynamic_scale type3`). beta: Eq. (4)'s constant.
-    num_levels > 1: per-scale offsets and scales, point4 (Eq. 7) and Eq. (8).
-    Parameter names are the reference's (norm4, point1..4), so checkpoints convert.
+    num_levels > 1: per-scale offsets and scales, scale_select_head (Eq. 7) and Eq. (8).
+    The reference names these heads norm4 and point1..point4; convert.py maps them here.
     """
 
     def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu", *,
@@ -229,22 +230,22 @@ class SMCADecoderLayer(DecoderLayer):
             raise ValueError(f"unknown smca_scale {scale!r}: expected one of {list(SCALE_WIDTH)}")
         self.heads, self.scale, self.beta, self.num_levels = heads, scale, beta, num_levels
         self.predicts_centre = predicts_centre
-        self.norm4 = nn.LayerNorm(dim)                       # O_q = norm4(tgt + query_pos)
+        self.query_norm = nn.LayerNorm(dim)                   # O_q = query_norm(tgt + query_pos)
         if predicts_centre:
-            self.point1 = MLP(dim, dim, 2, 3)                # Eq. (2): (cx, cy) logits
-        self.point2 = nn.Linear(dim, num_levels * heads * 2)    # Eq. (6): (dx, dy) per head, cells
+            self.centre_head = MLP(dim, dim, 2, 3)            # Eq. (2): (cx, cy) logits
+        self.offset_head = nn.Linear(dim, num_levels * heads * 2)   # Eq. (6): (dx, dy) per head, cells
         if SCALE_WIDTH[scale]:
-            self.point3 = nn.Linear(dim, num_levels * heads * SCALE_WIDTH[scale])   # Eq. (3)
+            self.scale_head = nn.Linear(dim, num_levels * heads * SCALE_WIDTH[scale])   # Eq. (3)
             self.reset_scale_head()
         if num_levels > 1:
-            self.point4 = nn.Linear(dim, num_levels)         # Eq. (7): scale-selection logits
+            self.scale_select_head = nn.Linear(dim, num_levels)   # Eq. (7): scale-selection logits
             self.cross_attn = ScaleSelectionCrossAttention(dim, heads, dropout)
 
     def reset_scale_head(self):
-        """point3 starts at weight 0, bias 1: every scale 1, as the reference initialises it."""
-        if hasattr(self, "point3"):
-            nn.init.zeros_(self.point3.weight)
-            nn.init.ones_(self.point3.bias)
+        """scale_head starts at weight 0, bias 1: every scale 1, as the reference initialises it."""
+        if hasattr(self, "scale_head"):
+            nn.init.zeros_(self.scale_head.weight)
+            nn.init.ones_(self.scale_head.bias)
 
     def log_gaussian(self, o, centre_logits, grid_sizes, spatial_shapes):
         """Eq. (2)-(4), (6) on every scale: a list of log G [B, h, Q, N_s].
@@ -254,13 +255,13 @@ class SMCADecoderLayer(DecoderLayer):
         """
         levels, heads = self.num_levels, self.heads
         centre = centre_logits.sigmoid()                                  # [B, Q, 2] in [0, 1]
-        offsets = rearrange(self.point2(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+        offsets = rearrange(self.offset_head(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
         if self.scale == "fixed":
             scales = torch.ones_like(offsets)
         elif self.scale == "shared":      # one s per head, used for both axes
-            scales = repeat(self.point3(o), 'b q (s h) -> s b q h xy', s=levels, xy=2)
+            scales = repeat(self.scale_head(o), 'b q (s h) -> s b q h xy', s=levels, xy=2)
         else:                             # 'xy': (s_x, s_y) per head
-            scales = rearrange(self.point3(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+            scales = rearrange(self.scale_head(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
         log_g = []
         for s, shape in enumerate(spatial_shapes):
             size = grid_sizes[:, s, None, None, :].to(o.dtype)           # [B, 1, 1, 2] (W, H)
@@ -272,14 +273,14 @@ class SMCADecoderLayer(DecoderLayer):
                 centre_logits=None, grid_sizes, spatial_shapes):
         """tgt, query_pos: [B, Q, C]; memory, memory_pos: [B, N, C]; centre_logits: [B, Q, 2]
         from layer 0 (None in layer 0 itself). Returns (tgt [B, Q, C], centre_logits)."""
-        o = self.norm4(tgt + query_pos)          # from the layer's input, before self-attention
+        o = self.query_norm(tgt + query_pos)          # from the layer's input, before self-attention
         if self.predicts_centre:
-            centre_logits = self.point1(o)                                # [B, Q, 2], Eq. (2)
+            centre_logits = self.centre_head(o)                           # [B, Q, 2], Eq. (2)
         log_g = self.log_gaussian(o, centre_logits, grid_sizes, spatial_shapes)
         if self.num_levels == 1:
             cross_bias = log_g[0]                                         # Eq. (5)
         else:
-            alpha = self.point4(o).softmax(-1)                            # [B, Q, S], Eq. (7)
+            alpha = self.scale_select_head(o).softmax(-1)                 # [B, Q, S], Eq. (7)
             cross_bias = MultiScalePrior(log_g, alpha, [y * x for y, x in spatial_shapes])
         tgt = super().forward(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
                               pad_mask=pad_mask, self_attn_mask=self_attn_mask, cross_bias=cross_bias)

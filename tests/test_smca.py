@@ -57,14 +57,14 @@ def linear(x, lin):
 
 
 def hand_o(layer, tgt, query_pos):
-    """norm4(tgt + query_pos) written out: (x - mean) / sqrt(var + eps) * w + b."""
+    """query_norm(tgt + query_pos) written out: (x - mean) / sqrt(var + eps) * w + b."""
     x = tgt + query_pos
     mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    return (x - mu) / torch.sqrt(var + 1e-5) * layer.norm4.weight + layer.norm4.bias
+    return (x - mu) / torch.sqrt(var + 1e-5) * layer.query_norm.weight + layer.query_norm.bias
 
 
-def hand_point1(layer, o):
-    l0, l1, l2 = layer.point1.layers
+def hand_centre_head(layer, o):
+    l0, l1, l2 = layer.centre_head.layers
     return linear(torch.relu(linear(torch.relu(linear(o, l0)), l1)), l2)
 
 
@@ -82,8 +82,8 @@ def make_layer(scale="xy", beta=8.0, levels=1, seed=1):
     torch.manual_seed(seed)
     layer = SMCADecoderLayer(D, H, FF, dropout=0.0, predicts_centre=True, scale=scale, beta=beta,
                              num_levels=levels).eval()
-    if hasattr(layer, "point3"):               # move away from the all-ones init
-        torch.nn.init.normal_(layer.point3.weight, std=0.3)
+    if hasattr(layer, "scale_head"):               # move away from the all-ones init
+        torch.nn.init.normal_(layer.scale_head.weight, std=0.3)
     return layer
 
 
@@ -157,14 +157,14 @@ def test_layer_passes_log_g_as_cross_bias(monkeypatch, scale):
         _, centre_logits = run_layer(layer, inputs)
         tgt, query_pos = inputs[:2]
         o = hand_o(layer, tgt, query_pos)
-        logits = hand_point1(layer, o)
-        offsets = linear(o, layer.point2).reshape(B, Q, H, 2)        # (dx, dy) interleaved per head
+        logits = hand_centre_head(layer, o)
+        offsets = linear(o, layer.offset_head).reshape(B, Q, H, 2)        # (dx, dy) interleaved per head
         if scale == "fixed":
             scales = torch.ones(B, Q, H, 2)
         elif scale == "shared":
-            scales = linear(o, layer.point3).reshape(B, Q, H, 1).expand(B, Q, H, 2)
+            scales = linear(o, layer.scale_head).reshape(B, Q, H, 1).expand(B, Q, H, 2)
         else:
-            scales = linear(o, layer.point3).reshape(B, Q, H, 2)
+            scales = linear(o, layer.scale_head).reshape(B, Q, H, 2)
         size = torch.tensor([[4.0, 3.0], [3.0, 2.0]])[:, None, None, :]   # hand counts (W, H)
         centres = torch.sigmoid(logits)[:, :, None, :] * size + offsets
         expected = naive_log_g(centres, scales, Y, X, 8.0)
@@ -179,7 +179,7 @@ def test_huge_beta_equals_vanilla_layer():
     vanilla = transformer.DecoderLayer(D, H, FF, dropout=0.0).eval()
     result = vanilla.load_state_dict(layer.state_dict(), strict=False)
     assert result.missing_keys == []
-    assert all(k.split(".")[0] in {"norm4", "point1", "point2", "point3"} for k in result.unexpected_keys)
+    assert all(k.split(".")[0] in {"query_norm", "centre_head", "offset_head", "scale_head"} for k in result.unexpected_keys)
     tgt, query_pos, memory, memory_pos, pad = inputs
     with torch.no_grad():
         got, _ = run_layer(layer, inputs)
@@ -190,19 +190,19 @@ def test_huge_beta_equals_vanilla_layer():
 
 
 def test_scale_options_widths_and_fixed_is_scale_one():
-    """point3 is absent / h / 2h wide; 'fixed' equals 'shared' and 'xy' at their scale-1 init."""
-    widths = {s: getattr(make_layer(s), "point3", None) for s in ["fixed", "shared", "xy"]}
+    """scale_head is absent / h / 2h wide; 'fixed' equals 'shared' and 'xy' at their scale-1 init."""
+    widths = {s: getattr(make_layer(s), "scale_head", None) for s in ["fixed", "shared", "xy"]}
     assert widths["fixed"] is None
     assert widths["shared"].out_features == H and widths["xy"].out_features == 2 * H
-    assert make_layer("xy", levels=3).point3.out_features == 3 * 2 * H
-    assert make_layer("xy").point2.out_features == 2 * H
+    assert make_layer("xy", levels=3).scale_head.out_features == 3 * 2 * H
+    assert make_layer("xy").offset_head.out_features == 2 * H
     inputs, outs = make_inputs(), {}
     base = make_layer("fixed").state_dict()
     for scale in ["fixed", "shared", "xy"]:
         layer = SMCADecoderLayer(D, H, FF, dropout=0.0, predicts_centre=True, scale=scale).eval()
-        layer.load_state_dict(base, strict=False)               # point3 keeps weight 0, bias 1
+        layer.load_state_dict(base, strict=False)               # scale_head keeps weight 0, bias 1
         if scale != "fixed":
-            assert torch.all(layer.point3.weight == 0) and torch.all(layer.point3.bias == 1)
+            assert torch.all(layer.scale_head.weight == 0) and torch.all(layer.scale_head.bias == 1)
         with torch.no_grad():
             outs[scale] = run_layer(layer, inputs)[0]
     assert torch.equal(outs["fixed"], outs["xy"]) and torch.equal(outs["fixed"], outs["shared"])
@@ -211,13 +211,14 @@ def test_scale_options_widths_and_fixed_is_scale_one():
 
 
 def test_single_scale_layer_state_dict_keys():
-    """Layer 0 keeps DETR's names plus the reference's norm4 and point1-3 (for conversion)."""
+    """Layer 0 keeps DETR's names plus query_norm and the centre, offset and scale heads
+    (convert.py maps the reference's norm4 and point1-3 onto them)."""
     keys = set(make_layer("xy").state_dict())
     attn = {f"{a}.{p}.{t}" for a in ["self_attn", "cross_attn"]
             for p in ["q_proj", "k_proj", "v_proj", "out_proj"] for t in ["weight", "bias"]}
-    rest = {f"{m}.{t}" for m in ["norm1", "norm2", "norm4", "ffn.linear1", "ffn.linear2", "ffn.norm",
-                                 "point1.layers.0", "point1.layers.1", "point1.layers.2",
-                                 "point2", "point3"] for t in ["weight", "bias"]}
+    rest = {f"{m}.{t}" for m in ["norm1", "norm2", "query_norm", "ffn.linear1", "ffn.linear2", "ffn.norm",
+                                 "centre_head.layers.0", "centre_head.layers.1", "centre_head.layers.2",
+                                 "offset_head", "scale_head"] for t in ["weight", "bias"]}
     assert keys == attn | rest
 
 
@@ -245,7 +246,7 @@ def naive_scale_selection(attn, query, key, value, pad, log_g, alpha, sizes):
 
 
 def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
-    """alpha = softmax(point4(o)) sums to one per image and query; Eq. (8) matches a naive loop."""
+    """alpha = softmax(scale_select_head(o)) sums to one per image and query; Eq. (8) matches a naive loop."""
     shapes = [(3, 4), (2, 2), (1, 2)]
     sizes = [12, 4, 2]
     layer = make_layer("xy", levels=3)
@@ -260,7 +261,7 @@ def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
     with torch.no_grad():
         run_layer(layer, (tgt, query_pos, memory, memory_pos, pad), shapes=shapes)
         prior = priors[0]
-        z = linear(hand_o(layer, tgt, query_pos), layer.point4)
+        z = linear(hand_o(layer, tgt, query_pos), layer.scale_select_head)
         alpha = torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
         torch.testing.assert_close(prior.alpha, alpha)
         torch.testing.assert_close(prior.alpha.sum(-1), torch.ones(B, Q))
@@ -320,7 +321,7 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     torch.manual_seed(2)
     layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=(i == 0), scale="xy") for i in range(2)]
     dec = SMCADecoder(layers, D).eval()
-    assert not hasattr(dec.layers[1], "point1")
+    assert not hasattr(dec.layers[1], "centre_head")
     _, query_pos, memory, memory_pos, pad = make_inputs()
     tgt = torch.zeros(B, Q, D)
     layer_outs = []
@@ -329,12 +330,12 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     with torch.no_grad():
         hs, box_ref = dec(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
                           spatial_shapes=[(Y, X)])
-        centre = hand_point1(dec.layers[0], hand_o(dec.layers[0], tgt, query_pos))
+        centre = hand_centre_head(dec.layers[0], hand_o(dec.layers[0], tgt, query_pos))
         layer1 = dec.layers[1]
         o1 = hand_o(layer1, layer_outs[0], query_pos)
         size = torch.tensor([[4.0, 3.0], [3.0, 2.0]])[:, None, None, :]
-        centres = torch.sigmoid(centre)[:, :, None, :] * size + linear(o1, layer1.point2).reshape(B, Q, H, 2)
-        want1 = naive_log_g(centres, linear(o1, layer1.point3).reshape(B, Q, H, 2), Y, X, 8.0)
+        centres = torch.sigmoid(centre)[:, :, None, :] * size + linear(o1, layer1.offset_head).reshape(B, Q, H, 2)
+        want1 = naive_log_g(centres, linear(o1, layer1.scale_head).reshape(B, Q, H, 2), Y, X, 8.0)
     assert hs.shape == (2, B, Q, D) and box_ref.shape == (2, B, Q, 2)
     torch.testing.assert_close(box_ref[0], centre)
     torch.testing.assert_close(box_ref[1], centre)
@@ -352,7 +353,7 @@ def test_queries_and_from_boxes():
 
 
 def test_build_parts_multiscale_end_to_end():
-    """build_parts inits point3 to scale 1, sizes the projection per backbone, and the parts run."""
+    """build_parts inits scale_head to scale 1, sizes the projection per backbone, and the parts run."""
     cfg = SimpleNamespace(hidden_dim=D, nheads=H, dim_feedforward=FF, dropout=0.0, dec_layers=3,
                           enc_layers=5, num_queries=Q, smooth=8.0, smca_scale="xy",
                           smca_multiscale=True, activation="relu", backbone="resnet18",
@@ -363,8 +364,8 @@ def test_build_parts_multiscale_end_to_end():
     assert parts["return_layers"] == ("layer3", "layer4")
     assert parts["encoder"].pattern == encoder_pattern(5)
     for layer in parts["decoder"].layers:
-        assert torch.all(layer.point3.weight == 0) and torch.all(layer.point3.bias == 1)
-        assert layer.point4.out_features == 3
+        assert torch.all(layer.scale_head.weight == 0) and torch.all(layer.scale_head.bias == 1)
+        assert layer.scale_select_head.out_features == 3
     levels = parts["input_proj"]([(torch.randn(B, 256, 8, 8), torch.zeros(B, 8, 8, dtype=torch.bool)),
                                   (torch.randn(B, 512, 4, 4), torch.zeros(B, 4, 4, dtype=torch.bool))])
     shapes = [tuple(src.shape[-2:]) for src, _ in levels]
@@ -380,7 +381,7 @@ def test_build_parts_multiscale_end_to_end():
     assert hs.shape == (3, B, Q, D) and box_ref.shape == (3, B, Q, 2) and torch.isfinite(hs).all()
     single_cfg = SimpleNamespace(**{**vars(cfg), "smca_multiscale": False, "smca_scale": "fixed"})
     single = build_parts(single_cfg, bbox_embed=None)
-    assert set(single) == {"queries", "decoder", "decoder_inputs"} and not hasattr(single["decoder"].layers[0], "point3")
+    assert set(single) == {"queries", "decoder", "decoder_inputs"} and not hasattr(single["decoder"].layers[0], "scale_head")
 
 
 @pytest.mark.parametrize("stage", ["layer2", "layer3", "layer4"])
