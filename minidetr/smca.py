@@ -72,37 +72,6 @@ def gaussian_log_weight(centers, scales, spatial_shape, beta):
     return rearrange(log_g, 'b q h y x -> b h q (y x)')
 
 
-def unpadded_grid_sizes(pad_mask, spatial_shapes, batch_size, device):
-    """Each image's unpadded feature-map size per level, counted on the padding mask.
-
-    pad_mask: [B, N] True on padding (levels' tokens concatenated) or None (no padding).
-    Returns [B, S, 2] float (width, height) in cells: columns / rows with a real cell.
-
-    The reference takes (w, h) from targets[i]['size'] and uses w/32, h/32 as floats, so
-    it needs targets even at inference; the mask lets the model run on images alone. The
-    mask is the image mask downsampled nearest, so column j is real iff j * W_pad / x < w,
-    and the count is ceil(w / 32) when the padded width is a multiple of 32 (stride 32 here;
-    the same holds per level with its stride). It equals the reference's w / 32, hence gives
-    identical outputs, whenever the image's own w and h are multiples of 32 (e.g. COCO's
-    800-pixel shorter side), in any padded batch; otherwise it is larger by less than one
-    cell (two if the padded width is not a multiple of 32), which moves a centre
-    c = sigmoid(.) in [0, 1] by c * (count - w/32) < 1 cell. We keep the plain count: it is
-    the only size the mask holds, and it is exact in that usual multiple-of-32 case.
-    """
-    sizes = []
-    if pad_mask is None:
-        for y, x in spatial_shapes:
-            sizes.append(torch.tensor([x, y], device=device).expand(batch_size, 2))
-        return torch.stack(sizes, dim=1).float()
-    level_masks = pad_mask.split([y * x for y, x in spatial_shapes], dim=1)
-    for (y, x), level_mask in zip(spatial_shapes, level_masks):
-        real = rearrange(~level_mask, 'b (y x) -> b y x', y=y, x=x)
-        width = real.any(dim=1).sum(-1)                 # [B] columns holding a real cell
-        height = real.any(dim=2).sum(-1)                # [B] rows holding a real cell
-        sizes.append(torch.stack([width, height], dim=-1))
-    return torch.stack(sizes, dim=1).float()           # [B, S, 2] (width, height)
-
-
 # ---- multi-scale input and encoder (Sec. 3.3) ----
 
 class MultiScaleProjection(nn.Module):
@@ -295,25 +264,22 @@ class SMCADecoder(Decoder):
     the box head's (cx, cy) logits at every layer, as the reference does.
     """
 
-    def __init__(self, layers, dim, strides=None):
+    def __init__(self, layers, dim, strides):
         super().__init__(layers, dim)
         self.strides = strides     # pixels per cell of each level, to place centres (see forward)
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, self_attn_mask=None,
-                spatial_shapes, image_sizes=None):
+                spatial_shapes, image_sizes):
         """spatial_shapes: the levels' (y, x); image_sizes: [B, 2] (w, h) of each unpadded image
-        in pixels, or None (both from `decoder_inputs`, which the model calls).
+        in pixels (both from `decoder_inputs`, which the model calls with the pixel mask).
 
-        With image sizes (the model passes them, read off the pixel mask), the grid size is
-        w / stride, h / stride as floats, exactly the reference's targets['size'] / 32; the
-        feature-level mask only knows whole cells (ceil(w / 32)), the fallback.
+        The grid size is w / stride, h / stride as floats, exactly the reference's
+        targets['size'] / 32 (the reference needs targets for it even at inference; the
+        pixel mask holds the same sizes, so the model runs on images alone).
         """
         shapes = [(int(y), int(x)) for y, x in spatial_shapes]
-        if image_sizes is not None and self.strides is not None:
-            strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
-            grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]        # [B, S, 2]
-        else:
-            grid_sizes = unpadded_grid_sizes(pad_mask, shapes, tgt.shape[0], tgt.device)  # [B, S, 2]
+        strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
+        grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]            # [B, S, 2]
         hs, centre_logits = [], None
         for layer in self.layers:
             tgt, centre_logits = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,

@@ -1,5 +1,5 @@
 """Tests for minidetr/smca.py: the Gaussian log-prior, the SMCA decoder layer and stack,
-the unpadded grid size read from the mask, scale selection and the multi-scale encoder.
+the grid size read from the pixel mask, scale selection and the multi-scale encoder.
 
 References are independent of the code under test: the paper's Eq. (4) in explicit loops,
 hand-counted masks, hand-written LayerNorm / MLP / softmax from the modules' weights, a
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from minidetr import transformer
 from minidetr.smca import (MultiScaleProjection, SMCADecoder, SMCADecoderLayer,
                            SMCAMultiScaleEncoder, SMCAQueries, ScaleSelectionCrossAttention,
-                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_grid_sizes,
-                           unpadded_sizes)
+                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_sizes)
 
 B, Q, D, H, FF = 2, 5, 16, 4, 32
 Y, X = 3, 4                      # one 3x4 feature map, N = 12 tokens
@@ -99,9 +98,13 @@ def capture_biases(monkeypatch):
     return seen
 
 
-def run_layer(layer, inputs, centre_logits=None, shapes=((Y, X),)):
+# (W, H) in cells of the unpadded part of each image (make_inputs' padding counted by hand)
+GRID = torch.tensor([[[4.0, 3.0]], [[3.0, 2.0]]])                     # [B, S=1, 2]
+
+
+def run_layer(layer, inputs, centre_logits=None, shapes=((Y, X),), grid_sizes=None):
     tgt, query_pos, memory, memory_pos, pad = inputs
-    sizes = unpadded_grid_sizes(pad, list(shapes), B, pad.device)
+    sizes = GRID if grid_sizes is None else grid_sizes
     return layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos, pad_mask=pad,
                  centre_logits=centre_logits, grid_sizes=sizes, spatial_shapes=list(shapes))
 
@@ -128,22 +131,28 @@ def test_gaussian_axes_by_hand():
     assert got[0, 0, 0, 2 * X + 2] == -2.0               # two rows down: 4 / 2
 
 
-# ---- the unpadded grid size ----
+# ---- the grid size ----
 
-def test_unpadded_grid_size_from_padded_batch():
-    """Image-level masks downsampled nearest (as the backbone does) give the hand counts."""
+def test_decoder_grid_size_is_image_size_over_stride():
+    """Image 1 is 40x70 pixels in a 96x128 padded batch: the layers get (70, 40) / stride per
+    level as floats (the reference's size / 32, here 2.19 and 1.25), not whole cells."""
+    torch.manual_seed(0)
+    layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=True, scale="xy", num_levels=2)]
+    dec = SMCADecoder(layers, D, strides=[32, 64]).eval()
     mask = torch.ones(2, 96, 128, dtype=torch.bool)
-    mask[0] = False                       # image 0 fills the 96x128 batch
-    mask[1, :40, :70] = False             # image 1 is 40x70 (the reference would use 70/32 = 2.19)
-    levels = [F.interpolate(mask[None].float(), size=s).bool()[0] for s in [(3, 4), (2, 2)]]
-    pad = torch.cat([m.flatten(1) for m in levels], dim=1)
-    got = unpadded_grid_sizes(pad, [(3, 4), (2, 2)], 2, pad.device)
-    # stride 32: real columns j*32 < 70 -> 3, rows j*32 < 40 -> 2; stride 64 (cells of 48x64
-    # pixels here): columns j*64 < 70 -> 2, rows j*48 < 40 -> 1
-    expected = torch.tensor([[[4, 3], [2, 2]], [[3, 2], [2, 1]]], dtype=got.dtype)
-    assert torch.equal(got, expected)
-    assert torch.equal(unpadded_grid_sizes(None, [(3, 4)], 2, pad.device),
-                       torch.tensor([[[4.0, 3.0]], [[4.0, 3.0]]]))
+    mask[0] = False                       # image 0 fills the batch
+    mask[1, :40, :70] = False
+    shapes = [(3, 4), (2, 2)]
+    seen = []
+    dec.layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["grid_sizes"]),
+                                            with_kwargs=True)
+    memory = torch.randn(B, 16, D)
+    with torch.no_grad():
+        dec(torch.zeros(B, Q, D), memory, memory_pos=torch.randn(B, 16, D), pad_mask=None,
+            query_pos=torch.randn(B, Q, D), spatial_shapes=shapes, image_sizes=unpadded_sizes(mask))
+    expected = torch.tensor([[[128 / 32, 96 / 32], [128 / 64, 96 / 64]],
+                             [[70 / 32, 40 / 32], [70 / 64, 40 / 64]]])
+    torch.testing.assert_close(seen[0], expected.to(seen[0].dtype))
 
 
 # ---- the decoder layer ----
@@ -259,7 +268,9 @@ def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
     layer.cross_attn.register_forward_pre_hook(lambda mod, args, kw: priors.append(kw["bias"]),
                                                with_kwargs=True)
     with torch.no_grad():
-        run_layer(layer, (tgt, query_pos, memory, memory_pos, pad), shapes=shapes)
+        # (W, H) per level, hand-counted: image 1 loses its last column on every level
+        grid = torch.tensor([[[4.0, 3.0], [2.0, 2.0], [2.0, 1.0]], [[3.0, 3.0], [1.0, 2.0], [1.0, 1.0]]])
+        run_layer(layer, (tgt, query_pos, memory, memory_pos, pad), shapes=shapes, grid_sizes=grid)
         prior = priors[0]
         z = linear(hand_o(layer, tgt, query_pos), layer.scale_select_head)
         alpha = torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
@@ -320,7 +331,7 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     """box_ref repeats layer 0's pre-sigmoid centre for every layer; layer 1's prior uses it."""
     torch.manual_seed(2)
     layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=(i == 0), scale="xy") for i in range(2)]
-    dec = SMCADecoder(layers, D).eval()
+    dec = SMCADecoder(layers, D, strides=[1]).eval()      # stride 1: pixels are cells
     assert not hasattr(dec.layers[1], "centre_head")
     _, query_pos, memory, memory_pos, pad = make_inputs()
     tgt = torch.zeros(B, Q, D)
@@ -329,7 +340,7 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     seen = capture_biases(monkeypatch)
     with torch.no_grad():
         hs, box_ref = dec(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
-                          spatial_shapes=[(Y, X)])
+                          spatial_shapes=[(Y, X)], image_sizes=torch.tensor([[4, 3], [3, 2]]))
         centre = hand_centre_head(dec.layers[0], hand_o(dec.layers[0], tgt, query_pos))
         layer1 = dec.layers[1]
         o1 = hand_o(layer1, layer_outs[0], query_pos)
@@ -377,6 +388,7 @@ def test_build_parts_multiscale_end_to_end():
         queries = parts["queries"](B)
         assert set(queries) == {"tgt", "query_pos"}                   # no reference points
         hs, box_ref = parts["decoder"](memory=memory, memory_pos=pos, pad_mask=pad, spatial_shapes=shapes,
+                                       image_sizes=torch.tensor([[128, 128]] * B),   # 8x8 at stride 16
                                        **queries)
     assert hs.shape == (3, B, Q, D) and box_ref.shape == (3, B, Q, 2) and torch.isfinite(hs).all()
     single_cfg = SimpleNamespace(**{**vars(cfg), "smca_multiscale": False, "smca_scale": "fixed"})
