@@ -92,7 +92,7 @@ class HungarianMatcher(nn.Module):
         # At least float32, so that AMP half-precision logits do not round the costs into ties.
         dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
         logits = rearrange(outputs["pred_logits"], "b q k -> (b q) k").to(dtype)
-        boxes = rearrange(outputs["pred_boxes"], "b q xy -> (b q) xy").to(dtype)   # [B*Q, 4] cxcywh
+        boxes = rearrange(outputs["pred_boxes"], "b q box -> (b q) box").to(dtype)   # [B*Q, 4] cxcywh
         tgt_boxes = tgt_boxes.to(boxes)
         # Predicted boxes are sigmoid cxcywh (w, h >= 0) and targets were checked where they
         # were loaded, so box_ops.pairwise_giou skips generalized_box_iou's validity check.

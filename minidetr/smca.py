@@ -66,9 +66,11 @@ def gaussian_log_weight(centers, scales, spatial_shape, beta):
     cols = torch.arange(x, dtype=centers.dtype, device=centers.device)   # i, the x coordinate
     rows = torch.arange(y, dtype=centers.dtype, device=centers.device)   # j, the y coordinate
     (cx, cy), (sx, sy) = centers.unbind(-1), scales.unbind(-1)           # each [B, Q, h]
-    dist_x = (cols - cx[..., None]) ** 2 * (sx * sx)[..., None]          # [B, Q, h, x]
-    dist_y = (rows - cy[..., None]) ** 2 * (sy * sy)[..., None]          # [B, Q, h, y]
-    log_g = -(dist_x[..., None, :] + dist_y[..., :, None]) / beta        # [B, Q, h, y, x]
+    per_cell = 'b q h -> b q h 1'                                         # against every column / row
+    dist_x = (cols - rearrange(cx, per_cell)) ** 2 * rearrange(sx * sx, per_cell)   # [B, Q, h, x]
+    dist_y = (rows - rearrange(cy, per_cell)) ** 2 * rearrange(sy * sy, per_cell)   # [B, Q, h, y]
+    # Eq. (4): log G(i, j) = -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) / beta
+    log_g = -(rearrange(dist_x, 'b q h x -> b q h 1 x') + rearrange(dist_y, 'b q h y -> b q h y 1')) / beta
     return rearrange(log_g, 'b q h y x -> b h q (y x)')
 
 
@@ -136,7 +138,7 @@ class SMCAMultiScaleEncoder(nn.Module):
         sizes = [int(y) * int(x) for y, x in spatial_shapes]
         if pad_mask is None:
             pad_mask = torch.zeros(src.shape[:2], dtype=torch.bool, device=src.device)
-        level_pos = torch.cat([e.expand(n, -1) for e, n in zip(self.level_embed, sizes)])  # [N, C]
+        level_pos = torch.cat([repeat(e, 'c -> n c', n=n) for e, n in zip(self.level_embed, sizes)])  # [N, C]
         pos = pos + level_pos
         for layer, kind in zip(self.layers, self.pattern):
             if kind == "multi":
@@ -177,7 +179,7 @@ class ScaleSelectionCrossAttention(MultiheadAttention):
         attn_out = 0
         for s, (k, v, pad, log_g) in enumerate(per_scale):
             out = super().forward(query, k, v, pad_mask=pad, attn_mask=attn_mask, bias=log_g, tag=tag)
-            attn_out = attn_out + prior.alpha[..., s, None] * out       # [B, Q, C]
+            attn_out = attn_out + rearrange(prior.alpha[..., s], 'b q -> b q 1') * out   # [B, Q, C]
         return attn_out
 
 
@@ -233,8 +235,9 @@ class SMCADecoderLayer(DecoderLayer):
             scales = rearrange(self.scale_head(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
         log_g = []
         for s, shape in enumerate(spatial_shapes):
-            size = grid_sizes[:, s, None, None, :].to(o.dtype)           # [B, 1, 1, 2] (W, H)
-            centres = centre[:, :, None, :] * size + offsets[s]           # [B, Q, h, 2] in cells
+            size = rearrange(grid_sizes[:, s], 'b xy -> b 1 1 xy').to(o.dtype)   # (W, H) in cells
+            # Eq. (2), (6): (cw, ch) = (cw_n * W, ch_n * H), + (dx_m, dy_m) for head m
+            centres = rearrange(centre, 'b q xy -> b q 1 xy') * size + offsets[s]   # [B, Q, h, 2] cells
             log_g.append(gaussian_log_weight(centres, scales[s], shape, self.beta))
         return log_g
 
