@@ -33,7 +33,7 @@ from minidetr.config import add_arguments, config_from_args
 from minidetr.data import move_targets
 from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
                              checkpoint_write_failed, fit_num_classes, load_training_state,
-                             load_weights, make_loader, non_finite_message, read_resume)
+                             load_weights, make_loader, read_resume)
 from minidetr.evaluation import evaluate, format_stats
 from minidetr.losses import total_loss
 
@@ -103,10 +103,12 @@ def main(argv=None):
                 # forward under autocast (AMP); targets are read by denoising only
                 with torch.autocast(device.type, dtype=AMP_DTYPE[cfg.amp], enabled=cfg.amp != "none"):
                     outputs = model(images, mask, targets)
-                losses = criterion(outputs, targets)             # float32: outside autocast
+                try:
+                    losses = criterion(outputs, targets)         # float32: outside autocast
+                except ValueError:                               # NaN predictions: name the loss
+                    stop_if_non_finite(meter)                    # that went non-finite first
+                    raise
                 loss = total_loss(losses, criterion.weight_dict)
-                if not torch.isfinite(loss):                     # stop before any update
-                    sys.exit(f"error: {non_finite_message(losses, progress.epoch, progress.step)}")
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()                              # DDP all-reduces the gradients here
@@ -120,10 +122,12 @@ def main(argv=None):
                 else:
                     scaler.step(optimizer)                       # skipped if fp16 overflowed
                     scaler.update()
-                meter.add(loss, losses, criterion.weight_dict)   # on the device: no sync
-                if cfg.log_every and (progress.global_step + 1) % cfg.log_every == 0 \
-                        and distributed.is_main_process():
-                    print(f"step {progress.global_step + 1}: loss {loss.item():.6f}", flush=True)
+                meter.add(loss, losses, criterion.weight_dict, progress.epoch, progress.step)   # no sync
+                if cfg.log_every and (progress.global_step + 1) % cfg.log_every == 0:
+                    stop_if_non_finite(meter)       # the steps since the last look, in one sync
+                    if distributed.is_main_process():
+                        print(f"step {progress.global_step + 1}: loss {loss.item():.6f}", flush=True)
+            stop_if_non_finite(meter)               # never a non-finite model in a checkpoint
             train_stats = meter.averages(optimizer.param_groups[0]["lr"])
             finished = progress.end_epoch()
             if finished:
@@ -148,6 +152,18 @@ def main(argv=None):
                 break
     distributed.cleanup()
     return result
+
+
+def stop_if_non_finite(meter):
+    """Exit with the epoch, step and loss terms of the first non-finite loss since the last look.
+
+    The loop looks every --log_every steps, before every checkpoint and when the matcher
+    meets NaN predictions (what the update after a NaN loss leaves): never every step, which
+    would make the host wait for the device each time.
+    """
+    message = meter.non_finite()
+    if message:
+        sys.exit(f"error: {message}")
 
 
 def setup(cfg):

@@ -16,11 +16,12 @@ What one measurement is:
   - training step: the statements of train.py's loop (`train_step` below) over the same
     batch already on the device: forward under autocast, the set criterion with its
     Hungarian matching, backward, gradient clipping, AdamW step, and the loop's own
-    bookkeeping (the finiteness check, LossMeter). Time between
+    bookkeeping (LossMeter; its finiteness check, which train.py makes every --log_every
+    steps, runs once after the timed steps here). Time between
     consecutive steps (time.perf_counter, torch.cuda.synchronize on a GPU); the first
     `warmup` steps dropped, the median of the next `iters` reported.
   - matcher share: criterion.matcher wrapped so every HungarianMatcher call is timed
-    (one per decoder layer with aux losses), summed per step, median over steps.
+    (one call per step for all decoder layers), summed per step, median over steps.
   - inference: model.eval() forward under no_grad and autocast, then post-processing.
   - peak memory: on a GPU torch.cuda.max_memory_allocated, reset before each phase; on the
     CPU the process peak RSS (getrusage ru_maxrss), which only grows, so every
@@ -51,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.py (helpers)
 from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
 from minidetr import Config, build                                # noqa: E402
-from minidetr.engine import LossMeter, build_optimizer, non_finite_message  # noqa: E402
+from minidetr.engine import LossMeter, build_optimizer  # noqa: E402
 from minidetr.evaluation import autocast                          # noqa: E402
 from minidetr.losses import total_loss                            # noqa: E402
 
@@ -113,9 +114,15 @@ class TimedMatcher(torch.nn.Module):
         self.matcher, self.device, self.seconds = matcher, device, 0.0
 
     def forward(self, outputs, targets):
+        return self.timed(self.matcher, outputs, targets)
+
+    def match_layers(self, layers, targets):
+        return self.timed(self.matcher.match_layers, layers, targets)
+
+    def timed(self, match, *args):
         sync(self.device)           # the forward's queued kernels are not the matcher's
         start = time.perf_counter()
-        indices = self.matcher(outputs, targets)
+        indices = match(*args)
         sync(self.device)
         self.seconds += time.perf_counter() - start
         return indices
@@ -190,6 +197,9 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
         sync(device)
         stamps.append(time.perf_counter())
         matcher.append(criterion.matcher.seconds)
+    message = meter.non_finite()     # train.py looks every --log_every steps; here once, untimed
+    if message:
+        raise RuntimeError(message)
     steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
     matcher_steps = [b - a for a, b in zip(matcher, matcher[1:])][warmup:]
     out["step_ms"] = 1000 * statistics.median(steps)
@@ -218,8 +228,6 @@ def train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, 
         outputs = model(images, mask, targets)
     losses = criterion(outputs, targets)
     loss = total_loss(losses, criterion.weight_dict)
-    if not torch.isfinite(loss):
-        raise RuntimeError(non_finite_message(losses, 0, step))
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -233,7 +241,7 @@ def train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, 
     else:
         scaler.step(optimizer)
         scaler.update()
-    meter.add(loss, losses, criterion.weight_dict)
+    meter.add(loss, losses, criterion.weight_dict, 0, step)   # train.py checks it every N steps
 
 
 def describe_machine(device):

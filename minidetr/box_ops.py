@@ -91,17 +91,28 @@ def _safe_denominator(x, eps):
 
 
 def generalized_box_iou(boxes1, boxes2, eps=0.0):
-    """Pairwise generalized IoU (Rezatofighi et al., CVPR 2019).
+    """Pairwise generalized IoU (Rezatofighi et al., CVPR 2019), for boxes from outside.
 
     boxes1: [N, 4] xyxy, boxes2: [M, 4] xyxy, same units, x1 <= x2 and y1 <= y2.
     Returns [N, M] in [-1, 1]. GIoU = IoU - (|C| - |A u B|) / |C|, C the enclosing box.
     eps: added to |A u B| and |C| before dividing, as DAB-DETR and DN-DETR do (1e-6, in
     their loss and matching cost alike); 0 is DETR's exact form. For normalised boxes eps
     is not negligible: 1e-6 against a union of 1e-2 moves GIoU by 1e-4 relative.
-    Raises ValueError naming the first degenerate box.
+    Raises ValueError naming the first degenerate box (the check reads the boxes on the
+    host: the matcher and the losses call pairwise_giou, whose boxes are valid by construction).
     """
     check_boxes_xyxy(boxes1, "boxes1")
     check_boxes_xyxy(boxes2, "boxes2")
+    return pairwise_giou(boxes1, boxes2, eps)
+
+
+def pairwise_giou(boxes1, boxes2, eps=0.0):
+    """generalized_box_iou without the validity check, for the training step's hot path.
+
+    Its callers pass predictions (sigmoid cxcywh converted to xyxy: w, h >= 0, so x1 <= x2)
+    and targets the dataset checked when it loaded them (data.py drops degenerate boxes and
+    rejects non-finite ones); NaN predictions are caught by the matcher's finite check.
+    """
     iou, union = _iou_and_union(boxes1, boxes2, eps)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])

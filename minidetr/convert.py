@@ -23,6 +23,8 @@ Official name (prefix)                       minidetr name
       multihead_attn (DETR, SMCA)            cross_attn               (+ the split (1))
       linear1, linear2, activation (PReLU)   ffn.linear1, ffn.linear2, ffn.activation
       norm2 (encoder) / norm3 (decoder)      ffn.norm                 (the FFN's post-norm)
+      norm4, point1..point4 (SMCA)           query_norm, centre_head, offset_head, scale_head,
+                                             scale_select_head (SMCA_HEADS)
   transformer.encoder.query_scale (DAB, DN)  encoder.pos_scale
   transformer.decoder.ref_point_head         queries.ref_point_head (Conditional: it makes the
                                              queries' reference points) | decoder.ref_point_head
@@ -194,6 +196,11 @@ def infer_official_args(state_dict, variant):
 
 # ---- weights: official names -> ours ----
 
+# SMCA-DETR's decoder-layer names -> ours (what each predicts, smca.SMCADecoderLayer)
+SMCA_HEADS = {"norm4": "query_norm", "point1": "centre_head", "point2": "offset_head",
+              "point3": "scale_head", "point4": "scale_select_head"}
+
+
 def _rules(variant):
     """(pattern, replacement) pairs, tried in order with re.fullmatch; the first match wins."""
     layer = r"transformer\.(encoder|decoder)\.layers\.(\d+)\."
@@ -208,6 +215,7 @@ def _rules(variant):
         (r"transformer\.encoder\.layers\.(\d+)\.norm2\.(.+)", r"encoder.layers.\1.ffn.norm.\2"),
         (r"transformer\.decoder\.layers\.(\d+)\.norm3\.(.+)", r"decoder.layers.\1.ffn.norm.\2"),
         (layer + r"(linear1|linear2|activation)\.(.+)", r"\1.layers.\2.ffn.\3.\4"),
+        *[(layer + rf"{official}\.(.+)", rf"\1.layers.\2.{ours}.\3") for official, ours in SMCA_HEADS.items()],
         (layer + r"(.+)", r"\1.layers.\2.\3"),
         (r"transformer\.encoder\.query_scale\.(.+)", r"encoder.pos_scale.\1"),
         (r"transformer\.decoder\.ref_point_head\.(.+)", ref_point_head + r".\1"),

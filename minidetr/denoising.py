@@ -104,8 +104,8 @@ def dn_attention_mask(num_groups, group_size, num_queries, device=None):
     # "different id" alone blocks both group -> other group and matching -> any group.
     slot = torch.arange(total, device=device)
     group = torch.where(slot < num_dn, slot // group_size, num_groups)           # [P + Q]
-    key_is_dn = rearrange(slot < num_dn, 'k -> 1 k')
-    other_group = rearrange(group, 'q -> q 1') != rearrange(group, 'k -> 1 k')   # [P+Q, P+Q]
+    key_is_dn = rearrange(slot < num_dn, 'q -> 1 q')                            # columns: keys
+    other_group = rearrange(group, 'q -> q 1') != rearrange(group, 'q -> 1 q')   # [P+Q, P+Q]
     # Keys among the matching queries (j >= P) are never blocked: nothing leaks that way.
     # No row is ever fully blocked (each sees its own group or the matching queries), so
     # the softmax never meets a row of only -inf.

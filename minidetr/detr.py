@@ -25,7 +25,7 @@ which the criterion supervises without matching. `--variant dn` is dab's model w
 """
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from minidetr import box_ops, conditional_attn, smca, transformer
@@ -161,10 +161,11 @@ class PostProcess(nn.Module):
             scores, flat_idx = probs.topk(k, dim=1)
             labels = flat_idx % logits.shape[2]
             query_idx = flat_idx // logits.shape[2]
-            boxes = torch.gather(boxes, 1, query_idx[..., None].expand(-1, -1, 4))
+            boxes = torch.gather(boxes, 1, repeat(query_idx, 'b q -> b q box', box=4))
         else:
             scores, labels = F.softmax(logits, -1)[..., :-1].max(-1)
-            query_idx = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+            query_idx = repeat(torch.arange(logits.shape[1], device=logits.device), 'q -> b q',
+                               b=logits.shape[0])
         h, w = orig_sizes.float().unbind(-1)
         scale = torch.stack([w, h, w, h], -1)[:, None, :]                  # [B, 1, 4]
         boxes_xyxy = box_ops.box_cxcywh_to_xyxy(boxes) * scale
@@ -211,5 +212,6 @@ def build(cfg="detr", preset="paper", **overrides):
                                     cfg.dec_layers, cfg.aux_loss, cfg.dn)
     criterion = SetCriterion(cfg.num_classes, matcher, weight_dict, eos_coef=cfg.eos_coef,
                              focal_alpha=cfg.focal_alpha, aux_loss=cfg.aux_loss, giou_eps=cfg.giou_eps)
+    criterion.check_logits(class_embed.out_features)   # once, here, not on every loss call
     postprocess = PostProcess(focal, cfg.num_select)
     return model, criterion, postprocess

@@ -365,15 +365,17 @@ def non_finite_message(losses, epoch, step):
 
 class LossMeter:
     """The epoch's average of every loss, summed on the device in float64 (no host sync per
-    step; the same sums, bit for bit, as adding up each step's .item() in Python).
+    step; the same sums, bit for bit, as adding up each step's .item() in Python), and the
+    non-finite check of the steps since the last look, made when the loop looks.
 
     Keys: loss (the weighted total), k (weighted) for k in weight_dict, k_unscaled for all.
     """
 
     def __init__(self):
         self.sums, self.count = {}, 0
+        self.unchecked = []    # (epoch, step, total, losses) of the steps since non_finite() last ran
 
-    def add(self, total, losses, weight_dict):
+    def add(self, total, losses, weight_dict, epoch, step):
         terms = {"loss": total}
         for k, v in losses.items():
             terms[f"{k}_unscaled"] = v
@@ -382,6 +384,19 @@ class LossMeter:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
         self.count += 1
+        self.unchecked.append((epoch, step, total.detach(), {k: v.detach() for k, v in losses.items()}))
+
+    def non_finite(self):
+        """The error message for the first step since the last call whose weighted loss was
+        NaN or inf (see non_finite_message), or None. One host sync for all those steps."""
+        steps, self.unchecked = self.unchecked, []
+        if not steps:
+            return None
+        finite = torch.isfinite(torch.stack([total for _, _, total, _ in steps]))
+        if bool(finite.all()):
+            return None
+        epoch, step, _, losses = steps[int(torch.argmin(finite.int()))]   # the first False
+        return non_finite_message(losses, epoch, step)
 
     def averages(self, lr):
         """{name: mean over the epoch's steps and the ranks} plus lr; one host sync."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minidetr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from minidetr.box_ops import box_cxcywh_to_xyxy, pairwise_giou
 
 IGNORE = -1   # class target of a slot that gets no class loss (dn padding slots)
 
@@ -67,11 +67,13 @@ def num_boxes_normaliser(count, device=None):
     summed over processes and divided by the world size, so that each process divides by
     the same average and DDP's gradient averaging gives sum over all boxes / all boxes.
     Clamped to >= 1 so that a batch without objects gives finite losses. Returns a float.
+    In one process the count is a Python int from the targets' lengths: no device round trip.
     """
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(float(count), 1.0)
     n = torch.as_tensor([float(count)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)                 # default op: SUM
-        n = n / dist.get_world_size()
+    dist.all_reduce(n)                     # default op: SUM; the collective needs a tensor
+    n = n / dist.get_world_size()
     return max(float(n.item()), 1.0)
 
 
@@ -121,9 +123,11 @@ def loss_labels(logits, target_classes, normaliser, focal_alpha=None, class_weig
         weight = class_weight[classes] * kept                             # [B, Q]
         return (weight * ce).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
     k = logits.shape[-1]
-    # One-hot over K + 1 then drop the no-object column: unmatched queries are negatives
-    # for every class (Conditional DETR), the sigmoid head has no "no object" output.
-    onehot = F.one_hot(classes, k + 1)[..., :k].to(logits.dtype)          # [B, Q, K]
+    # One-hot over the K classes: the no-object id K matches no column, so unmatched queries
+    # are negatives for every class (Conditional DETR), the sigmoid head has no "no object"
+    # output. Written as a comparison: F.one_hot reads min and max of its input on the host.
+    class_ids = torch.arange(k, device=classes.device)
+    onehot = (classes[..., None] == class_ids).to(logits.dtype)          # [B, Q, K]
     focal = sigmoid_focal_loss(logits, onehot, focal_alpha, gamma)
     return (focal * kept[..., None]).sum() / normaliser
 
@@ -133,6 +137,7 @@ def loss_boxes(pred_boxes, targets, indices, normaliser, giou_eps=0.0):
 
     pred_boxes: [B, Q, 4] cxcywh in [0, 1]; targets: list of B dicts with boxes [t, 4] cxcywh.
     giou_eps: see box_ops.generalized_box_iou (DN-DETR 1e-6, DETR 0).
+    Targets were checked where they were loaded, so the GIoU skips the box check (pairwise_giou).
     Returns (loss_bbox, loss_giou): sum over pairs of ||b - b'||_1 and of 1 - GIoU(b, b'),
     each / normaliser. Exactly 0 (still attached to the graph) when there are no pairs.
     """
@@ -141,7 +146,7 @@ def loss_boxes(pred_boxes, targets, indices, normaliser, giou_eps=0.0):
     tgt = tgt.to(src)                                                     # [M, 4] cxcywh
     loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / normaliser
     # Pairwise [M, M] GIoU and keep the diagonal: M is a few hundred at most (as DETR).
-    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), giou_eps))
+    giou = torch.diag(pairwise_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), giou_eps))
     loss_giou = (1 - giou).sum() / normaliser
     return loss_bbox, loss_giou
 
@@ -191,7 +196,8 @@ class SetCriterion(nn.Module):
     focal_alpha: None = softmax CE over K + 1 logits, a float = sigmoid focal over K logits.
     losses: subset of ('labels', 'boxes'). aux_loss: also supervise outputs['aux_outputs'].
     giou_eps: added to the GIoU denominators (DN-DETR 1e-6; 0 = DETR's exact GIoU).
-    forward returns named, unweighted losses; combine them with total_loss.
+    forward returns named, unweighted losses; combine them with total_loss. The outputs'
+    logit width is checked once, where model and criterion meet (check_logits, in build).
     """
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef=0.1, focal_alpha=None,
@@ -208,6 +214,17 @@ class SetCriterion(nn.Module):
         class_weight[-1] = eos_coef            # DETR: no-object log-prob down-weighted x10
         self.register_buffer("class_weight", class_weight, persistent=False)
 
+    @property
+    def num_logits(self):
+        """K + 1 (softmax, with DETR's no-object class) or K (sigmoid focal) logits per query."""
+        return self.num_classes + (1 if self.focal_alpha is None else 0)
+
+    def check_logits(self, num_logits):
+        """Raise ValueError unless a model with `num_logits` outputs per query fits this criterion."""
+        if num_logits != self.num_logits:
+            raise ValueError(f"SetCriterion: pred_logits has {num_logits} classes, expected "
+                             f"{self.num_logits} (num_classes={self.num_classes}, focal_alpha={self.focal_alpha})")
+
     def layer_losses(self, out, targets, indices, normaliser, fill):
         """The requested losses of one layer's {pred_logits, pred_boxes} for given pairs.
 
@@ -218,8 +235,10 @@ class SetCriterion(nn.Module):
         if "labels" in self.losses:
             logits = at_least_float32(out["pred_logits"])
             target_classes = class_targets(logits, targets, indices, fill)
+            # to the logits' device (host -> device, asynchronous), then their dtype
+            class_weight = self.class_weight.to(logits.device).to(logits.dtype)
             losses["loss_ce"] = loss_labels(logits, target_classes, normaliser,
-                                            self.focal_alpha, self.class_weight.to(logits))
+                                            self.focal_alpha, class_weight)
         if "boxes" in self.losses:
             losses["loss_bbox"], losses["loss_giou"] = loss_boxes(
                 at_least_float32(out["pred_boxes"]), targets, indices, normaliser, self.giou_eps)
@@ -232,24 +251,21 @@ class SetCriterion(nn.Module):
         when outputs has 'dn', and the logging-only class_error, cardinality_error.
         """
         logits = outputs["pred_logits"]
-        expected = self.num_classes + (1 if self.focal_alpha is None else 0)
-        if logits.shape[-1] != expected:
-            raise ValueError(f"SetCriterion: pred_logits has {logits.shape[-1]} classes, expected "
-                             f"{expected} (num_classes={self.num_classes}, focal_alpha={self.focal_alpha})")
         no_object = self.num_classes
         num_boxes = num_boxes_normaliser(sum(len(t["labels"]) for t in targets), logits.device)
 
-        # Eq. (1) then Eq. (2) on the last decoder layer.
-        indices = self.matcher(outputs, targets)
+        # Eq. (1) on the last decoder layer and on every aux layer, each matched on its own,
+        # to the pairing that is best for *its* predictions (DETR Sec. 3.2), not the last
+        # layer's; all in one call, so that their costs reach the host in one copy.
+        aux_layers = outputs.get("aux_outputs", []) if self.aux_loss else []
+        indices, *aux_indices = self.matcher.match_layers([outputs, *aux_layers], targets)
+        # Eq. (2) on the last layer, then on each aux layer
         losses = self.layer_losses(outputs, targets, indices, num_boxes, fill=no_object)
         if "labels" in self.losses:
             losses["class_error"] = class_error(logits, targets, indices)
             losses["cardinality_error"] = cardinality_error(logits, targets, self.focal_alpha is not None)
-
-        # Aux layers: each is matched on its own, to the pairing that is best for *its*
-        # predictions (DETR Sec. 3.2), not the last layer's.
-        for i, aux in enumerate(outputs.get("aux_outputs", []) if self.aux_loss else []):
-            aux_losses = self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes, no_object)
+        for i, (aux, aux_idx) in enumerate(zip(aux_layers, aux_indices)):
+            aux_losses = self.layer_losses(aux, targets, aux_idx, num_boxes, no_object)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
 
         if "dn" in outputs:

@@ -24,12 +24,13 @@ The class term comes in two forms, picked by `focal_alpha`:
     i.e. the focal loss of calling the query positive for c minus that of calling it
     negative: the change in classification loss if this query is assigned to the object.
 """
+import numpy as np
 import torch
 from einops import rearrange
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from minidetr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from minidetr.box_ops import box_cxcywh_to_xyxy, pairwise_giou
 
 
 # ---- the class term of the cost ----
@@ -86,6 +87,21 @@ class HungarianMatcher(nn.Module):
             return softmax_class_cost(logits, tgt_labels)
         return focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
 
+    def cost_terms(self, outputs, tgt_labels, tgt_boxes):
+        """The three cost terms of one layer, each [B*Q, T_total] (see forward for the inputs)."""
+        # At least float32, so that AMP half-precision logits do not round the costs into ties.
+        dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
+        logits = rearrange(outputs["pred_logits"], "b q k -> (b q) k").to(dtype)
+        boxes = rearrange(outputs["pred_boxes"], "b q box -> (b q) box").to(dtype)   # [B*Q, 4] cxcywh
+        tgt_boxes = tgt_boxes.to(boxes)
+        # Predicted boxes are sigmoid cxcywh (w, h >= 0) and targets were checked where they
+        # were loaded, so box_ops.pairwise_giou skips generalized_box_iou's validity check.
+        return {
+            "class": self.class_cost(logits, tgt_labels.to(logits.device)),
+            "bbox (L1)": torch.cdist(boxes, tgt_boxes, p=1),
+            "giou": -pairwise_giou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes), self.giou_eps),
+        }
+
     @torch.no_grad()
     def forward(self, outputs, targets):
         """Match each image's targets to its queries.
@@ -95,42 +111,50 @@ class HungarianMatcher(nn.Module):
         targets: list of B dicts with labels int64 [t] and boxes [t, 4] cxcywh; t may be 0.
         Returns a list of B pairs (pred_idx int64 [m], tgt_idx int64 [m]) on the CPU,
         m = min(Q, t), as linear_sum_assignment returns them: pred_idx ascending.
-        Raises ValueError if a cost term is NaN or infinite (naming the term), and the
-        box_ops ValueError if a predicted box is degenerate or NaN.
+        Raises ValueError if a cost term is NaN or infinite (naming the term).
         """
-        b, q = outputs["pred_logits"].shape[:2]
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers, targets):
+        """`forward` for several decoder layers' outputs at once (the last and the aux ones),
+        with ONE device -> host copy of all their cost matrices.
+
+        layers: list of L output dicts, each as `forward` takes, all with the same [B, Q].
+        Returns L lists of B (pred_idx, tgt_idx) pairs, each layer matched on its own and
+        exactly as `forward` would match it alone.
+        """
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:  # nothing to match: skip the device work entirely
-            return [(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
-                    for _ in targets]
+            return [[(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+                     for _ in targets] for _ in layers]
 
-        # The whole batch in one go: [B*Q, T_total], every query against every target of
-        # every image; the off-diagonal (query of image i, target of image j) blocks are
-        # wasted work but cost less than B small launches. At least float32, so that AMP
-        # half-precision logits do not round the costs into ties.
-        dtype = torch.promote_types(outputs["pred_logits"].dtype, torch.float32)
-        logits = rearrange(outputs["pred_logits"], "b q k -> (b q) k").to(dtype)
-        boxes = rearrange(outputs["pred_boxes"], "b q c -> (b q) c").to(dtype)
-        tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)   # [T_total, 4] cxcywh
+        # Per layer, the whole batch in one go: [B*Q, T_total], every query against every
+        # target of every image; the off-diagonal (query of image i, target of image j) blocks
+        # are wasted work but cost less than B small launches.
+        tgt_labels = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets])                    # [T_total, 4] cxcywh
+        terms, costs = [], []
+        for outputs in layers:
+            terms.append(self.cost_terms(outputs, tgt_labels, tgt_boxes))
+            costs.append(self.cost_class * terms[-1]["class"] + self.cost_bbox * terms[-1]["bbox (L1)"]
+                         + self.cost_giou * terms[-1]["giou"])
+        # The one device -> host copy of the step (a .cpu() waits for the device): every
+        # layer's costs together, [L, B, Q, T_total]; from here on numpy, on the host.
+        b = layers[0]["pred_logits"].shape[0]
+        cost = rearrange(torch.stack(costs), "l (b q) t -> l b q t", b=b).cpu().double().numpy()
+        finite = np.isfinite(cost).all(axis=(1, 2, 3))                           # [L] on the host
+        if not finite.all():
+            _raise_non_finite(terms[int(np.argmin(finite))])
+        return [self.assign(layer_cost, sizes) for layer_cost in cost]
 
-        terms = {
-            "class": self.class_cost(logits, tgt_labels),
-            "bbox (L1)": torch.cdist(boxes, tgt_boxes, p=1),
-            "giou": -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes),
-                                         self.giou_eps),
-        }
-        cost = (self.cost_class * terms["class"] + self.cost_bbox * terms["bbox (L1)"]
-                + self.cost_giou * terms["giou"])
-        # One device -> host copy for the whole batch (each .cpu() is a synchronisation).
-        cost = rearrange(cost, "(b q) t -> b q t", b=b).cpu().double()
-        if not torch.isfinite(cost).all():
-            _raise_non_finite(terms)
-
+    @staticmethod
+    def assign(cost, sizes):
+        """Eq. (1) per image on one layer's host costs [B, Q, T_total] (numpy float64)."""
         indices, start = [], 0
         for i, t in enumerate(sizes):
-            # Eq. (1) for image i: its Q queries against its own t targets only.
-            rows, cols = linear_sum_assignment(cost[i, :, start:start + t].numpy())
+            # image i: its Q queries against its own t targets only
+            rows, cols = linear_sum_assignment(cost[i, :, start:start + t])
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
             start += t

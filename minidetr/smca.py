@@ -26,9 +26,10 @@ Equations as implemented (numbered here, in the paper's order; O_q = the query's
 
 Differs from vanilla DETR in:
   - the decoder's cross-attention logits get + log G (through DecoderLayer's cross_bias);
-  - each decoder layer has norm4 (O_q = norm4(tgt + query_pos)) and heads point2 (per-head
-    offsets) and point3 (per-head scales); layer 0 also has point1 (the centre, Eq. 2),
-    which later layers reuse;
+  - each decoder layer has query_norm (O_q = query_norm(tgt + query_pos)) and heads
+    offset_head (per-head offsets, Eq. 6) and scale_head (per-head scales, Eq. 3); layer 0
+    also has centre_head (the centre, Eq. 2), which later layers reuse (the released
+    checkpoints call them norm4, point2, point3, point1; convert.py renames them);
   - the box head predicts (cx, cy) as offsets, in logit space, from that centre (box_ref);
   - classification is sigmoid focal over the classes (set by the config, not here);
   - optionally (smca_multiscale): strides 16/32/64, the intra/multi-scale encoder and Eq. 7-8.
@@ -44,7 +45,7 @@ from minidetr.backbone import stage_strides
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, LearnedQueries,
                                   MultiheadAttention, xavier_init)
 
-SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # point3 outputs per head and scale level
+SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # scale_head outputs per head and scale level
 
 
 # ---- the Gaussian prior ----
@@ -59,47 +60,18 @@ def gaussian_log_weight(centers, scales, spatial_shape, beta):
     The reference code learns the inverse width, so that is what `scales` are:
         log G(i, j) = -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) / beta
     which is the paper's Eq. (4) with s_w = 1 / s_x, s_h = 1 / s_y. Keeping the code's form
-    lets the released checkpoints convert unchanged (their point3 predicts s, squared here).
+    lets the released checkpoints convert unchanged (their point3, our scale_head, predicts s).
     """
     y, x = spatial_shape
     cols = torch.arange(x, dtype=centers.dtype, device=centers.device)   # i, the x coordinate
     rows = torch.arange(y, dtype=centers.dtype, device=centers.device)   # j, the y coordinate
     (cx, cy), (sx, sy) = centers.unbind(-1), scales.unbind(-1)           # each [B, Q, h]
-    dist_x = (cols - cx[..., None]) ** 2 * (sx * sx)[..., None]          # [B, Q, h, x]
-    dist_y = (rows - cy[..., None]) ** 2 * (sy * sy)[..., None]          # [B, Q, h, y]
-    log_g = -(dist_x[..., None, :] + dist_y[..., :, None]) / beta        # [B, Q, h, y, x]
+    per_cell = 'b q h -> b q h 1'                                         # against every column / row
+    dist_x = (cols - rearrange(cx, per_cell)) ** 2 * rearrange(sx * sx, per_cell)   # [B, Q, h, x]
+    dist_y = (rows - rearrange(cy, per_cell)) ** 2 * rearrange(sy * sy, per_cell)   # [B, Q, h, y]
+    # Eq. (4): log G(i, j) = -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) / beta
+    log_g = -(rearrange(dist_x, 'b q h x -> b q h 1 x') + rearrange(dist_y, 'b q h y -> b q h y 1')) / beta
     return rearrange(log_g, 'b q h y x -> b h q (y x)')
-
-
-def unpadded_grid_sizes(pad_mask, spatial_shapes, batch_size, device):
-    """Each image's unpadded feature-map size per level, counted on the padding mask.
-
-    pad_mask: [B, N] True on padding (levels' tokens concatenated) or None (no padding).
-    Returns [B, S, 2] float (width, height) in cells: columns / rows with a real cell.
-
-    The reference takes (w, h) from targets[i]['size'] and uses w/32, h/32 as floats, so
-    it needs targets even at inference; the mask lets the model run on images alone. The
-    mask is the image mask downsampled nearest, so column j is real iff j * W_pad / x < w,
-    and the count is ceil(w / 32) when the padded width is a multiple of 32 (stride 32 here;
-    the same holds per level with its stride). It equals the reference's w / 32, hence gives
-    identical outputs, whenever the image's own w and h are multiples of 32 (e.g. COCO's
-    800-pixel shorter side), in any padded batch; otherwise it is larger by less than one
-    cell (two if the padded width is not a multiple of 32), which moves a centre
-    c = sigmoid(.) in [0, 1] by c * (count - w/32) < 1 cell. We keep the plain count: it is
-    the only size the mask holds, and it is exact in that usual multiple-of-32 case.
-    """
-    sizes = []
-    if pad_mask is None:
-        for y, x in spatial_shapes:
-            sizes.append(torch.tensor([x, y], device=device).expand(batch_size, 2))
-        return torch.stack(sizes, dim=1).float()
-    level_masks = pad_mask.split([y * x for y, x in spatial_shapes], dim=1)
-    for (y, x), level_mask in zip(spatial_shapes, level_masks):
-        real = rearrange(~level_mask, 'b (y x) -> b y x', y=y, x=x)
-        width = real.any(dim=1).sum(-1)                 # [B] columns holding a real cell
-        height = real.any(dim=2).sum(-1)                # [B] rows holding a real cell
-        sizes.append(torch.stack([width, height], dim=-1))
-    return torch.stack(sizes, dim=1).float()           # [B, S, 2] (width, height)
 
 
 # ---- multi-scale input and encoder (Sec. 3.3) ----
@@ -166,7 +138,7 @@ class SMCAMultiScaleEncoder(nn.Module):
         sizes = [int(y) * int(x) for y, x in spatial_shapes]
         if pad_mask is None:
             pad_mask = torch.zeros(src.shape[:2], dtype=torch.bool, device=src.device)
-        level_pos = torch.cat([e.expand(n, -1) for e, n in zip(self.level_embed, sizes)])  # [N, C]
+        level_pos = torch.cat([repeat(e, 'c -> n c', n=n) for e, n in zip(self.level_embed, sizes)])  # [N, C]
         pos = pos + level_pos
         for layer, kind in zip(self.layers, self.pattern):
             if kind == "multi":
@@ -207,19 +179,19 @@ class ScaleSelectionCrossAttention(MultiheadAttention):
         attn_out = 0
         for s, (k, v, pad, log_g) in enumerate(per_scale):
             out = super().forward(query, k, v, pad_mask=pad, attn_mask=attn_mask, bias=log_g, tag=tag)
-            attn_out = attn_out + prior.alpha[..., s, None] * out       # [B, Q, C]
+            attn_out = attn_out + rearrange(prior.alpha[..., s], 'b q -> b q 1') * out   # [B, Q, C]
         return attn_out
 
 
 class SMCADecoderLayer(DecoderLayer):
     """DETR's decoder layer (unchanged, statement for statement) + the Gaussian prior.
 
-    predicts_centre: True for layer 0 (has point1, the centre MLP of Eq. 2); later layers
-    reuse layer 0's centre, as the reference. scale: 'fixed' (scale 1, no point3), 'shared'
-    (one scale per head, point3 = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
+    predicts_centre: True for layer 0 (has centre_head, the centre MLP of Eq. 2); later layers
+    reuse layer 0's centre, as the reference. scale: 'fixed' (scale 1, no scale_head), 'shared'
+    (one scale per head, scale_head = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
     the reference's README setting `--dynamic_scale type3`). beta: Eq. (4)'s constant.
-    num_levels > 1: per-scale offsets and scales, point4 (Eq. 7) and Eq. (8).
-    Parameter names are the reference's (norm4, point1..4), so checkpoints convert.
+    num_levels > 1: per-scale offsets and scales, scale_select_head (Eq. 7) and Eq. (8).
+    The reference names these heads norm4 and point1..point4; convert.py maps them here.
     """
 
     def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu", *,
@@ -229,22 +201,22 @@ class SMCADecoderLayer(DecoderLayer):
             raise ValueError(f"unknown smca_scale {scale!r}: expected one of {list(SCALE_WIDTH)}")
         self.heads, self.scale, self.beta, self.num_levels = heads, scale, beta, num_levels
         self.predicts_centre = predicts_centre
-        self.norm4 = nn.LayerNorm(dim)                       # O_q = norm4(tgt + query_pos)
+        self.query_norm = nn.LayerNorm(dim)                   # O_q = query_norm(tgt + query_pos)
         if predicts_centre:
-            self.point1 = MLP(dim, dim, 2, 3)                # Eq. (2): (cx, cy) logits
-        self.point2 = nn.Linear(dim, num_levels * heads * 2)    # Eq. (6): (dx, dy) per head, cells
+            self.centre_head = MLP(dim, dim, 2, 3)            # Eq. (2): (cx, cy) logits
+        self.offset_head = nn.Linear(dim, num_levels * heads * 2)   # Eq. (6): (dx, dy) per head, cells
         if SCALE_WIDTH[scale]:
-            self.point3 = nn.Linear(dim, num_levels * heads * SCALE_WIDTH[scale])   # Eq. (3)
+            self.scale_head = nn.Linear(dim, num_levels * heads * SCALE_WIDTH[scale])   # Eq. (3)
             self.reset_scale_head()
         if num_levels > 1:
-            self.point4 = nn.Linear(dim, num_levels)         # Eq. (7): scale-selection logits
+            self.scale_select_head = nn.Linear(dim, num_levels)   # Eq. (7): scale-selection logits
             self.cross_attn = ScaleSelectionCrossAttention(dim, heads, dropout)
 
     def reset_scale_head(self):
-        """point3 starts at weight 0, bias 1: every scale 1, as the reference initialises it."""
-        if hasattr(self, "point3"):
-            nn.init.zeros_(self.point3.weight)
-            nn.init.ones_(self.point3.bias)
+        """scale_head starts at weight 0, bias 1: every scale 1, as the reference initialises it."""
+        if hasattr(self, "scale_head"):
+            nn.init.zeros_(self.scale_head.weight)
+            nn.init.ones_(self.scale_head.bias)
 
     def log_gaussian(self, o, centre_logits, grid_sizes, spatial_shapes):
         """Eq. (2)-(4), (6) on every scale: a list of log G [B, h, Q, N_s].
@@ -254,17 +226,18 @@ class SMCADecoderLayer(DecoderLayer):
         """
         levels, heads = self.num_levels, self.heads
         centre = centre_logits.sigmoid()                                  # [B, Q, 2] in [0, 1]
-        offsets = rearrange(self.point2(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+        offsets = rearrange(self.offset_head(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
         if self.scale == "fixed":
             scales = torch.ones_like(offsets)
         elif self.scale == "shared":      # one s per head, used for both axes
-            scales = repeat(self.point3(o), 'b q (s h) -> s b q h xy', s=levels, xy=2)
+            scales = repeat(self.scale_head(o), 'b q (s h) -> s b q h xy', s=levels, xy=2)
         else:                             # 'xy': (s_x, s_y) per head
-            scales = rearrange(self.point3(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
+            scales = rearrange(self.scale_head(o), 'b q (s h xy) -> s b q h xy', s=levels, h=heads)
         log_g = []
         for s, shape in enumerate(spatial_shapes):
-            size = grid_sizes[:, s, None, None, :].to(o.dtype)           # [B, 1, 1, 2] (W, H)
-            centres = centre[:, :, None, :] * size + offsets[s]           # [B, Q, h, 2] in cells
+            size = rearrange(grid_sizes[:, s], 'b xy -> b 1 1 xy').to(o.dtype)   # (W, H) in cells
+            # Eq. (2), (6): (cw, ch) = (cw_n * W, ch_n * H), + (dx_m, dy_m) for head m
+            centres = rearrange(centre, 'b q xy -> b q 1 xy') * size + offsets[s]   # [B, Q, h, 2] cells
             log_g.append(gaussian_log_weight(centres, scales[s], shape, self.beta))
         return log_g
 
@@ -272,14 +245,14 @@ class SMCADecoderLayer(DecoderLayer):
                 centre_logits=None, grid_sizes, spatial_shapes):
         """tgt, query_pos: [B, Q, C]; memory, memory_pos: [B, N, C]; centre_logits: [B, Q, 2]
         from layer 0 (None in layer 0 itself). Returns (tgt [B, Q, C], centre_logits)."""
-        o = self.norm4(tgt + query_pos)          # from the layer's input, before self-attention
+        o = self.query_norm(tgt + query_pos)          # from the layer's input, before self-attention
         if self.predicts_centre:
-            centre_logits = self.point1(o)                                # [B, Q, 2], Eq. (2)
+            centre_logits = self.centre_head(o)                           # [B, Q, 2], Eq. (2)
         log_g = self.log_gaussian(o, centre_logits, grid_sizes, spatial_shapes)
         if self.num_levels == 1:
             cross_bias = log_g[0]                                         # Eq. (5)
         else:
-            alpha = self.point4(o).softmax(-1)                            # [B, Q, S], Eq. (7)
+            alpha = self.scale_select_head(o).softmax(-1)                 # [B, Q, S], Eq. (7)
             cross_bias = MultiScalePrior(log_g, alpha, [y * x for y, x in spatial_shapes])
         tgt = super().forward(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
                               pad_mask=pad_mask, self_attn_mask=self_attn_mask, cross_bias=cross_bias)
@@ -294,25 +267,22 @@ class SMCADecoder(Decoder):
     the box head's (cx, cy) logits at every layer, as the reference does.
     """
 
-    def __init__(self, layers, dim, strides=None):
+    def __init__(self, layers, dim, strides):
         super().__init__(layers, dim)
         self.strides = strides     # pixels per cell of each level, to place centres (see forward)
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, query_pos, self_attn_mask=None,
-                spatial_shapes, image_sizes=None):
+                spatial_shapes, image_sizes):
         """spatial_shapes: the levels' (y, x); image_sizes: [B, 2] (w, h) of each unpadded image
-        in pixels, or None (both from `decoder_inputs`, which the model calls).
+        in pixels (both from `decoder_inputs`, which the model calls with the pixel mask).
 
-        With image sizes (the model passes them, read off the pixel mask), the grid size is
-        w / stride, h / stride as floats, exactly the reference's targets['size'] / 32; the
-        feature-level mask only knows whole cells (ceil(w / 32)), the fallback.
+        The grid size is w / stride, h / stride as floats, exactly the reference's
+        targets['size'] / 32 (the reference needs targets for it even at inference; the
+        pixel mask holds the same sizes, so the model runs on images alone).
         """
         shapes = [(int(y), int(x)) for y, x in spatial_shapes]
-        if image_sizes is not None and self.strides is not None:
-            strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
-            grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]        # [B, S, 2]
-        else:
-            grid_sizes = unpadded_grid_sizes(pad_mask, shapes, tgt.shape[0], tgt.device)  # [B, S, 2]
+        strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
+        grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]            # [B, S, 2]
         hs, centre_logits = [], None
         for layer in self.layers:
             tgt, centre_logits = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,

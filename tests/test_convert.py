@@ -172,9 +172,9 @@ PLACES = {
                     (DEC1 + "norm3.weight", ALL, "decoder.layers.1.ffn.norm.weight")],
     "smca": [("class_embed.weight", slice(0, K), "class_embed.weight"),       # no-object row dropped
              ("class_embed.bias", slice(0, K), "class_embed.bias"),
-             (DEC0 + "point1.layers.2.bias", ALL, "decoder.layers.0.point1.layers.2.bias"),
-             (DEC1 + "point3.weight", ALL, "decoder.layers.1.point3.weight"),
-             (DEC1 + "norm4.weight", ALL, "decoder.layers.1.norm4.weight"),
+             (DEC0 + "point1.layers.2.bias", ALL, "decoder.layers.0.centre_head.layers.2.bias"),
+             (DEC1 + "point3.weight", ALL, "decoder.layers.1.scale_head.weight"),
+             (DEC1 + "norm4.weight", ALL, "decoder.layers.1.query_norm.weight"),
              (DEC0 + "self_attn.in_proj_weight", KR, "decoder.layers.0.self_attn.k_proj.weight")],
     "dn": [("label_enc.weight", ALL, "denoiser.label_enc.weight"),
            ("refpoint_embed.weight", ALL, "queries.refpoint_embed.weight"),
@@ -306,7 +306,7 @@ def test_command_line_writes_a_loadable_minidetr_checkpoint(tmp_path):
     assert set(ckpt) == {"model", "config"}
     model = build(Config(**ckpt["config"]))[0]
     model.load_state_dict(ckpt["model"], strict=True)
-    assert torch.equal(model.decoder.layers[1].point2.weight, sd["transformer.decoder.layers.1.point2.weight"])
+    assert torch.equal(model.decoder.layers[1].offset_head.weight, sd["transformer.decoder.layers.1.point2.weight"])
 
 
 def test_eval_converts_an_official_file_on_load(tmp_path):

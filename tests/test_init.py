@@ -55,9 +55,9 @@ def rule(variant, name, shape, params):
         return ("normal", math.sqrt(2 / (shape[0] * math.prod(shape[2:]))))
     if name.startswith("input_proj."):   # the detector's 1x1 Conv2d, PyTorch default
         return torch_default(fan_in(shape if name.endswith("weight") else weight_shape()))
-    if variant == "smca" and re.search(r"point3\.weight$", name):
+    if variant == "smca" and re.search(r"scale_head\.weight$", name):
         return ("const", 0.0)            # SMCA: scale head starts at 0 weight, bias 1
-    if variant == "smca" and re.search(r"point3\.bias$", name):
+    if variant == "smca" and re.search(r"scale_head\.bias$", name):
         return ("const", 1.0)
     if re.search(r"(self_attn|cross_attn)\.(q|k|v|out)_proj\.bias$", name):
         return ("const", 0.0)            # torch's MultiheadAttention (and the refs' copies)
@@ -127,7 +127,7 @@ def test_stacks_are_copies_of_one_layer_as_in_the_references(variant):
     assert per_layer
     for (stack, rest), layers in per_layer.items():
         tensors = list(layers.values())
-        if len(tensors) == 1:            # a part of layer 0 alone (SMCA's point1, ca_qpos_proj)
+        if len(tensors) == 1:            # a part of layer 0 alone (SMCA's centre_head, ca_qpos_proj)
             continue
         equal = all(torch.equal(tensors[0], t) for t in tensors[1:])
         if variant == "smca" and stack == "decoder":

@@ -29,6 +29,9 @@ class FixedMatcher:
     def __call__(self, outputs, targets):
         return self.indices
 
+    def match_layers(self, layers, targets):
+        return [self.indices for _ in layers]
+
 
 def boxes(rows):
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
@@ -211,10 +214,13 @@ def test_class_and_cardinality_error():
 
 
 def test_wrong_number_of_logits_raises():
-    """A softmax criterion fed K (not K + 1) logits raises a ValueError naming the sizes."""
-    gen = torch.Generator().manual_seed(5)
+    """A softmax criterion checked against a head of K (not K + 1) logits raises a ValueError
+    naming the sizes (build checks model and criterion once, not every loss call)."""
     with pytest.raises(ValueError, match="expected 4"):
-        SetCriterion(K, HungarianMatcher(), {})(random_outputs(gen, K), targets_two_images())
+        SetCriterion(K, HungarianMatcher(), {}).check_logits(K)
+    SetCriterion(K, HungarianMatcher(), {}).check_logits(K + 1)
+    with pytest.raises(ValueError, match="expected 3"):
+        SetCriterion(K, HungarianMatcher(), {}, focal_alpha=0.25).check_logits(K + 1)
 
 
 # ---- aux layers, weights ----

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from minidetr.matcher import HungarianMatcher, focal_class_cost
 from naive import naive_giou  # noqa: E402  (tests/naive.py)
@@ -160,6 +161,31 @@ def test_one_host_copy_per_batch(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     HungarianMatcher()(make_outputs(gen, 4, 5, K + 1), make_targets(gen, [2, 3, 0, 1]))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("focal_alpha", [None, 0.25])
+def test_match_layers_is_each_layer_alone_with_one_host_copy(monkeypatch, focal_alpha):
+    """Three layers matched together: one .cpu() in all, and each layer's pairs are those of
+    scipy on its own hand-written cost table, and those of matching it alone (float32, as in
+    training, so the stacking cannot have rounded anything differently)."""
+    gen = torch.Generator().manual_seed(11)
+    counts, q, k = [3, 0, 2], 5, K + 1 if focal_alpha is None else K
+    layers = [make_outputs(gen, len(counts), q, k) for _ in range(3)]
+    targets = make_targets(gen, counts)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0, focal_alpha=focal_alpha)
+    alone = [matcher({n: v.float() for n, v in out.items()}, targets) for out in layers]
+    calls, original = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    together = matcher.match_layers([{n: v.float() for n, v in out.items()} for out in layers], targets)
+    assert len(calls) == 1 and len(together) == 3
+    for out, got, single in zip(layers, together, alone):
+        for i, ((pred_idx, tgt_idx), (pred_one, tgt_one)) in enumerate(zip(got, single)):
+            assert torch.equal(pred_idx, pred_one) and torch.equal(tgt_idx, tgt_one)
+            table = [[naive_cost(out["pred_logits"][i, a], out["pred_boxes"][i, a],
+                                 int(targets[i]["labels"][j]), targets[i]["boxes"][j], focal_alpha,
+                                 w=(2.0, 5.0, 2.0)) for j in range(counts[i])] for a in range(q)]
+            rows, cols = linear_sum_assignment(table) if counts[i] else ([], [])
+            assert pred_idx.tolist() == list(rows) and tgt_idx.tolist() == list(cols)
 
 
 def test_non_finite_cost_names_the_term():

@@ -1,5 +1,5 @@
 """Tests for minidetr/smca.py: the Gaussian log-prior, the SMCA decoder layer and stack,
-the unpadded grid size read from the mask, scale selection and the multi-scale encoder.
+the grid size read from the pixel mask, scale selection and the multi-scale encoder.
 
 References are independent of the code under test: the paper's Eq. (4) in explicit loops,
 hand-counted masks, hand-written LayerNorm / MLP / softmax from the modules' weights, a
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from minidetr import transformer
 from minidetr.smca import (MultiScaleProjection, SMCADecoder, SMCADecoderLayer,
                            SMCAMultiScaleEncoder, SMCAQueries, ScaleSelectionCrossAttention,
-                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_grid_sizes,
-                           unpadded_sizes)
+                           build_parts, encoder_pattern, gaussian_log_weight, unpadded_sizes)
 
 B, Q, D, H, FF = 2, 5, 16, 4, 32
 Y, X = 3, 4                      # one 3x4 feature map, N = 12 tokens
@@ -57,14 +56,14 @@ def linear(x, lin):
 
 
 def hand_o(layer, tgt, query_pos):
-    """norm4(tgt + query_pos) written out: (x - mean) / sqrt(var + eps) * w + b."""
+    """query_norm(tgt + query_pos) written out: (x - mean) / sqrt(var + eps) * w + b."""
     x = tgt + query_pos
     mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    return (x - mu) / torch.sqrt(var + 1e-5) * layer.norm4.weight + layer.norm4.bias
+    return (x - mu) / torch.sqrt(var + 1e-5) * layer.query_norm.weight + layer.query_norm.bias
 
 
-def hand_point1(layer, o):
-    l0, l1, l2 = layer.point1.layers
+def hand_centre_head(layer, o):
+    l0, l1, l2 = layer.centre_head.layers
     return linear(torch.relu(linear(torch.relu(linear(o, l0)), l1)), l2)
 
 
@@ -82,8 +81,8 @@ def make_layer(scale="xy", beta=8.0, levels=1, seed=1):
     torch.manual_seed(seed)
     layer = SMCADecoderLayer(D, H, FF, dropout=0.0, predicts_centre=True, scale=scale, beta=beta,
                              num_levels=levels).eval()
-    if hasattr(layer, "point3"):               # move away from the all-ones init
-        torch.nn.init.normal_(layer.point3.weight, std=0.3)
+    if hasattr(layer, "scale_head"):               # move away from the all-ones init
+        torch.nn.init.normal_(layer.scale_head.weight, std=0.3)
     return layer
 
 
@@ -99,9 +98,13 @@ def capture_biases(monkeypatch):
     return seen
 
 
-def run_layer(layer, inputs, centre_logits=None, shapes=((Y, X),)):
+# (W, H) in cells of the unpadded part of each image (make_inputs' padding counted by hand)
+GRID = torch.tensor([[[4.0, 3.0]], [[3.0, 2.0]]])                     # [B, S=1, 2]
+
+
+def run_layer(layer, inputs, centre_logits=None, shapes=((Y, X),), grid_sizes=None):
     tgt, query_pos, memory, memory_pos, pad = inputs
-    sizes = unpadded_grid_sizes(pad, list(shapes), B, pad.device)
+    sizes = GRID if grid_sizes is None else grid_sizes
     return layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos, pad_mask=pad,
                  centre_logits=centre_logits, grid_sizes=sizes, spatial_shapes=list(shapes))
 
@@ -128,22 +131,28 @@ def test_gaussian_axes_by_hand():
     assert got[0, 0, 0, 2 * X + 2] == -2.0               # two rows down: 4 / 2
 
 
-# ---- the unpadded grid size ----
+# ---- the grid size ----
 
-def test_unpadded_grid_size_from_padded_batch():
-    """Image-level masks downsampled nearest (as the backbone does) give the hand counts."""
+def test_decoder_grid_size_is_image_size_over_stride():
+    """Image 1 is 40x70 pixels in a 96x128 padded batch: the layers get (70, 40) / stride per
+    level as floats (the reference's size / 32, here 2.19 and 1.25), not whole cells."""
+    torch.manual_seed(0)
+    layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=True, scale="xy", num_levels=2)]
+    dec = SMCADecoder(layers, D, strides=[32, 64]).eval()
     mask = torch.ones(2, 96, 128, dtype=torch.bool)
-    mask[0] = False                       # image 0 fills the 96x128 batch
-    mask[1, :40, :70] = False             # image 1 is 40x70 (the reference would use 70/32 = 2.19)
-    levels = [F.interpolate(mask[None].float(), size=s).bool()[0] for s in [(3, 4), (2, 2)]]
-    pad = torch.cat([m.flatten(1) for m in levels], dim=1)
-    got = unpadded_grid_sizes(pad, [(3, 4), (2, 2)], 2, pad.device)
-    # stride 32: real columns j*32 < 70 -> 3, rows j*32 < 40 -> 2; stride 64 (cells of 48x64
-    # pixels here): columns j*64 < 70 -> 2, rows j*48 < 40 -> 1
-    expected = torch.tensor([[[4, 3], [2, 2]], [[3, 2], [2, 1]]], dtype=got.dtype)
-    assert torch.equal(got, expected)
-    assert torch.equal(unpadded_grid_sizes(None, [(3, 4)], 2, pad.device),
-                       torch.tensor([[[4.0, 3.0]], [[4.0, 3.0]]]))
+    mask[0] = False                       # image 0 fills the batch
+    mask[1, :40, :70] = False
+    shapes = [(3, 4), (2, 2)]
+    seen = []
+    dec.layers[0].register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["grid_sizes"]),
+                                            with_kwargs=True)
+    memory = torch.randn(B, 16, D)
+    with torch.no_grad():
+        dec(torch.zeros(B, Q, D), memory, memory_pos=torch.randn(B, 16, D), pad_mask=None,
+            query_pos=torch.randn(B, Q, D), spatial_shapes=shapes, image_sizes=unpadded_sizes(mask))
+    expected = torch.tensor([[[128 / 32, 96 / 32], [128 / 64, 96 / 64]],
+                             [[70 / 32, 40 / 32], [70 / 64, 40 / 64]]])
+    torch.testing.assert_close(seen[0], expected.to(seen[0].dtype))
 
 
 # ---- the decoder layer ----
@@ -157,14 +166,14 @@ def test_layer_passes_log_g_as_cross_bias(monkeypatch, scale):
         _, centre_logits = run_layer(layer, inputs)
         tgt, query_pos = inputs[:2]
         o = hand_o(layer, tgt, query_pos)
-        logits = hand_point1(layer, o)
-        offsets = linear(o, layer.point2).reshape(B, Q, H, 2)        # (dx, dy) interleaved per head
+        logits = hand_centre_head(layer, o)
+        offsets = linear(o, layer.offset_head).reshape(B, Q, H, 2)        # (dx, dy) interleaved per head
         if scale == "fixed":
             scales = torch.ones(B, Q, H, 2)
         elif scale == "shared":
-            scales = linear(o, layer.point3).reshape(B, Q, H, 1).expand(B, Q, H, 2)
+            scales = linear(o, layer.scale_head).reshape(B, Q, H, 1).expand(B, Q, H, 2)
         else:
-            scales = linear(o, layer.point3).reshape(B, Q, H, 2)
+            scales = linear(o, layer.scale_head).reshape(B, Q, H, 2)
         size = torch.tensor([[4.0, 3.0], [3.0, 2.0]])[:, None, None, :]   # hand counts (W, H)
         centres = torch.sigmoid(logits)[:, :, None, :] * size + offsets
         expected = naive_log_g(centres, scales, Y, X, 8.0)
@@ -179,7 +188,7 @@ def test_huge_beta_equals_vanilla_layer():
     vanilla = transformer.DecoderLayer(D, H, FF, dropout=0.0).eval()
     result = vanilla.load_state_dict(layer.state_dict(), strict=False)
     assert result.missing_keys == []
-    assert all(k.split(".")[0] in {"norm4", "point1", "point2", "point3"} for k in result.unexpected_keys)
+    assert all(k.split(".")[0] in {"query_norm", "centre_head", "offset_head", "scale_head"} for k in result.unexpected_keys)
     tgt, query_pos, memory, memory_pos, pad = inputs
     with torch.no_grad():
         got, _ = run_layer(layer, inputs)
@@ -190,19 +199,19 @@ def test_huge_beta_equals_vanilla_layer():
 
 
 def test_scale_options_widths_and_fixed_is_scale_one():
-    """point3 is absent / h / 2h wide; 'fixed' equals 'shared' and 'xy' at their scale-1 init."""
-    widths = {s: getattr(make_layer(s), "point3", None) for s in ["fixed", "shared", "xy"]}
+    """scale_head is absent / h / 2h wide; 'fixed' equals 'shared' and 'xy' at their scale-1 init."""
+    widths = {s: getattr(make_layer(s), "scale_head", None) for s in ["fixed", "shared", "xy"]}
     assert widths["fixed"] is None
     assert widths["shared"].out_features == H and widths["xy"].out_features == 2 * H
-    assert make_layer("xy", levels=3).point3.out_features == 3 * 2 * H
-    assert make_layer("xy").point2.out_features == 2 * H
+    assert make_layer("xy", levels=3).scale_head.out_features == 3 * 2 * H
+    assert make_layer("xy").offset_head.out_features == 2 * H
     inputs, outs = make_inputs(), {}
     base = make_layer("fixed").state_dict()
     for scale in ["fixed", "shared", "xy"]:
         layer = SMCADecoderLayer(D, H, FF, dropout=0.0, predicts_centre=True, scale=scale).eval()
-        layer.load_state_dict(base, strict=False)               # point3 keeps weight 0, bias 1
+        layer.load_state_dict(base, strict=False)               # scale_head keeps weight 0, bias 1
         if scale != "fixed":
-            assert torch.all(layer.point3.weight == 0) and torch.all(layer.point3.bias == 1)
+            assert torch.all(layer.scale_head.weight == 0) and torch.all(layer.scale_head.bias == 1)
         with torch.no_grad():
             outs[scale] = run_layer(layer, inputs)[0]
     assert torch.equal(outs["fixed"], outs["xy"]) and torch.equal(outs["fixed"], outs["shared"])
@@ -211,13 +220,14 @@ def test_scale_options_widths_and_fixed_is_scale_one():
 
 
 def test_single_scale_layer_state_dict_keys():
-    """Layer 0 keeps DETR's names plus the reference's norm4 and point1-3 (for conversion)."""
+    """Layer 0 keeps DETR's names plus query_norm and the centre, offset and scale heads
+    (convert.py maps the reference's norm4 and point1-3 onto them)."""
     keys = set(make_layer("xy").state_dict())
     attn = {f"{a}.{p}.{t}" for a in ["self_attn", "cross_attn"]
             for p in ["q_proj", "k_proj", "v_proj", "out_proj"] for t in ["weight", "bias"]}
-    rest = {f"{m}.{t}" for m in ["norm1", "norm2", "norm4", "ffn.linear1", "ffn.linear2", "ffn.norm",
-                                 "point1.layers.0", "point1.layers.1", "point1.layers.2",
-                                 "point2", "point3"] for t in ["weight", "bias"]}
+    rest = {f"{m}.{t}" for m in ["norm1", "norm2", "query_norm", "ffn.linear1", "ffn.linear2", "ffn.norm",
+                                 "centre_head.layers.0", "centre_head.layers.1", "centre_head.layers.2",
+                                 "offset_head", "scale_head"] for t in ["weight", "bias"]}
     assert keys == attn | rest
 
 
@@ -245,7 +255,7 @@ def naive_scale_selection(attn, query, key, value, pad, log_g, alpha, sizes):
 
 
 def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
-    """alpha = softmax(point4(o)) sums to one per image and query; Eq. (8) matches a naive loop."""
+    """alpha = softmax(scale_select_head(o)) sums to one per image and query; Eq. (8) matches a naive loop."""
     shapes = [(3, 4), (2, 2), (1, 2)]
     sizes = [12, 4, 2]
     layer = make_layer("xy", levels=3)
@@ -258,9 +268,11 @@ def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
     layer.cross_attn.register_forward_pre_hook(lambda mod, args, kw: priors.append(kw["bias"]),
                                                with_kwargs=True)
     with torch.no_grad():
-        run_layer(layer, (tgt, query_pos, memory, memory_pos, pad), shapes=shapes)
+        # (W, H) per level, hand-counted: image 1 loses its last column on every level
+        grid = torch.tensor([[[4.0, 3.0], [2.0, 2.0], [2.0, 1.0]], [[3.0, 3.0], [1.0, 2.0], [1.0, 1.0]]])
+        run_layer(layer, (tgt, query_pos, memory, memory_pos, pad), shapes=shapes, grid_sizes=grid)
         prior = priors[0]
-        z = linear(hand_o(layer, tgt, query_pos), layer.point4)
+        z = linear(hand_o(layer, tgt, query_pos), layer.scale_select_head)
         alpha = torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
         torch.testing.assert_close(prior.alpha, alpha)
         torch.testing.assert_close(prior.alpha.sum(-1), torch.ones(B, Q))
@@ -319,8 +331,8 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     """box_ref repeats layer 0's pre-sigmoid centre for every layer; layer 1's prior uses it."""
     torch.manual_seed(2)
     layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=(i == 0), scale="xy") for i in range(2)]
-    dec = SMCADecoder(layers, D).eval()
-    assert not hasattr(dec.layers[1], "point1")
+    dec = SMCADecoder(layers, D, strides=[1]).eval()      # stride 1: pixels are cells
+    assert not hasattr(dec.layers[1], "centre_head")
     _, query_pos, memory, memory_pos, pad = make_inputs()
     tgt = torch.zeros(B, Q, D)
     layer_outs = []
@@ -328,13 +340,13 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     seen = capture_biases(monkeypatch)
     with torch.no_grad():
         hs, box_ref = dec(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
-                          spatial_shapes=[(Y, X)])
-        centre = hand_point1(dec.layers[0], hand_o(dec.layers[0], tgt, query_pos))
+                          spatial_shapes=[(Y, X)], image_sizes=torch.tensor([[4, 3], [3, 2]]))
+        centre = hand_centre_head(dec.layers[0], hand_o(dec.layers[0], tgt, query_pos))
         layer1 = dec.layers[1]
         o1 = hand_o(layer1, layer_outs[0], query_pos)
         size = torch.tensor([[4.0, 3.0], [3.0, 2.0]])[:, None, None, :]
-        centres = torch.sigmoid(centre)[:, :, None, :] * size + linear(o1, layer1.point2).reshape(B, Q, H, 2)
-        want1 = naive_log_g(centres, linear(o1, layer1.point3).reshape(B, Q, H, 2), Y, X, 8.0)
+        centres = torch.sigmoid(centre)[:, :, None, :] * size + linear(o1, layer1.offset_head).reshape(B, Q, H, 2)
+        want1 = naive_log_g(centres, linear(o1, layer1.scale_head).reshape(B, Q, H, 2), Y, X, 8.0)
     assert hs.shape == (2, B, Q, D) and box_ref.shape == (2, B, Q, 2)
     torch.testing.assert_close(box_ref[0], centre)
     torch.testing.assert_close(box_ref[1], centre)
@@ -352,7 +364,7 @@ def test_queries_and_from_boxes():
 
 
 def test_build_parts_multiscale_end_to_end():
-    """build_parts inits point3 to scale 1, sizes the projection per backbone, and the parts run."""
+    """build_parts inits scale_head to scale 1, sizes the projection per backbone, and the parts run."""
     cfg = SimpleNamespace(hidden_dim=D, nheads=H, dim_feedforward=FF, dropout=0.0, dec_layers=3,
                           enc_layers=5, num_queries=Q, smooth=8.0, smca_scale="xy",
                           smca_multiscale=True, activation="relu", backbone="resnet18",
@@ -363,8 +375,8 @@ def test_build_parts_multiscale_end_to_end():
     assert parts["return_layers"] == ("layer3", "layer4")
     assert parts["encoder"].pattern == encoder_pattern(5)
     for layer in parts["decoder"].layers:
-        assert torch.all(layer.point3.weight == 0) and torch.all(layer.point3.bias == 1)
-        assert layer.point4.out_features == 3
+        assert torch.all(layer.scale_head.weight == 0) and torch.all(layer.scale_head.bias == 1)
+        assert layer.scale_select_head.out_features == 3
     levels = parts["input_proj"]([(torch.randn(B, 256, 8, 8), torch.zeros(B, 8, 8, dtype=torch.bool)),
                                   (torch.randn(B, 512, 4, 4), torch.zeros(B, 4, 4, dtype=torch.bool))])
     shapes = [tuple(src.shape[-2:]) for src, _ in levels]
@@ -376,11 +388,12 @@ def test_build_parts_multiscale_end_to_end():
         queries = parts["queries"](B)
         assert set(queries) == {"tgt", "query_pos"}                   # no reference points
         hs, box_ref = parts["decoder"](memory=memory, memory_pos=pos, pad_mask=pad, spatial_shapes=shapes,
+                                       image_sizes=torch.tensor([[128, 128]] * B),   # 8x8 at stride 16
                                        **queries)
     assert hs.shape == (3, B, Q, D) and box_ref.shape == (3, B, Q, 2) and torch.isfinite(hs).all()
     single_cfg = SimpleNamespace(**{**vars(cfg), "smca_multiscale": False, "smca_scale": "fixed"})
     single = build_parts(single_cfg, bbox_embed=None)
-    assert set(single) == {"queries", "decoder", "decoder_inputs"} and not hasattr(single["decoder"].layers[0], "point3")
+    assert set(single) == {"queries", "decoder", "decoder_inputs"} and not hasattr(single["decoder"].layers[0], "scale_head")
 
 
 @pytest.mark.parametrize("stage", ["layer2", "layer3", "layer4"])
