@@ -25,7 +25,8 @@ Equations as implemented (numbered here, in the paper's order; O_q = the query's
     around one multi-scale self-attention block (all scales' tokens together).
 
 Differs from vanilla DETR in:
-  - the decoder's cross-attention logits get + log G (through DecoderLayer's cross_bias);
+  - the decoder's cross-attention logits get + log G (through DecoderLayer's cross_bias;
+    multi-scale: a MultiScalePrior for its own cross-attention, through cross_kwargs);
   - each decoder layer has query_norm (O_q = query_norm(tgt + query_pos)) and heads
     offset_head (per-head offsets, Eq. 6) and scale_head (per-head scales, Eq. 3); layer 0
     also has centre_head (the centre, Eq. 2), which later layers reuse (the released
@@ -152,7 +153,7 @@ class SMCAMultiScaleEncoder(nn.Module):
 # ---- the decoder ----
 
 class MultiScalePrior(NamedTuple):
-    """What the multi-scale cross-attention needs instead of one bias tensor."""
+    """What the multi-scale cross-attention needs instead of one bias tensor (its `prior`)."""
     log_g: list         # per scale [B, h, Q, N_s], Eq. (4) on that scale's grid
     alpha: torch.Tensor  # [B, Q, S] scale-selection weights, Eq. (7), sum to 1 over S
     sizes: list         # N_s tokens per scale
@@ -170,15 +171,19 @@ class ScaleSelectionCrossAttention(MultiheadAttention):
     a constant over each scale's keys, so the keys here (plain memory_pos) give the same.
     """
 
-    def forward(self, query, key, value, pad_mask=None, attn_mask=None, bias=None, tag="cross"):
-        prior = bias
+    def forward(self, query, key, value, pad_mask=None, bias=None, tag="cross", *, prior):
+        """query: [B, Q, C]; key, value: [B, N, C], the scales' tokens one scale after another;
+        pad_mask: [B, N] True on padding; prior: MultiScalePrior (each scale's log G, alpha).
+        bias is the vanilla layer's cross_bias, None here: each scale brings its own log G.
+        Returns [B, Q, C].
+        """
         if pad_mask is None:
             pad_mask = torch.zeros(key.shape[:2], dtype=torch.bool, device=key.device)
         per_scale = zip(key.split(prior.sizes, 1), value.split(prior.sizes, 1),
                         pad_mask.split(prior.sizes, 1), prior.log_g)
         attn_out = 0
         for s, (k, v, pad, log_g) in enumerate(per_scale):
-            out = super().forward(query, k, v, pad_mask=pad, attn_mask=attn_mask, bias=log_g, tag=tag)
+            out = super().forward(query, k, v, pad_mask=pad, bias=log_g, tag=tag)
             attn_out = attn_out + rearrange(prior.alpha[..., s], 'b q -> b q 1') * out   # [B, Q, C]
         return attn_out
 
@@ -249,13 +254,13 @@ class SMCADecoderLayer(DecoderLayer):
         if self.predicts_centre:
             centre_logits = self.centre_head(o)                           # [B, Q, 2], Eq. (2)
         log_g = self.log_gaussian(o, centre_logits, grid_sizes, spatial_shapes)
-        if self.num_levels == 1:
-            cross_bias = log_g[0]                                         # Eq. (5)
-        else:
+        if self.num_levels == 1:      # one bias tensor: the vanilla layer's cross_bias
+            cross = dict(cross_bias=log_g[0])                             # Eq. (5)
+        else:                         # ScaleSelectionCrossAttention's own argument, passed through
             alpha = self.scale_select_head(o).softmax(-1)                 # [B, Q, S], Eq. (7)
-            cross_bias = MultiScalePrior(log_g, alpha, [y * x for y, x in spatial_shapes])
+            cross = dict(prior=MultiScalePrior(log_g, alpha, [y * x for y, x in spatial_shapes]))
         tgt = super().forward(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
-                              pad_mask=pad_mask, self_attn_mask=self_attn_mask, cross_bias=cross_bias)
+                              pad_mask=pad_mask, self_attn_mask=self_attn_mask, **cross)
         return tgt, centre_logits
 
 

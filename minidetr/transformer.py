@@ -211,7 +211,9 @@ class DecoderLayer(nn.Module):
 
     `cross_bias` ([B, h, Q, N]) is the seam SMCA uses to add log G to the cross-attention
     logits; `self_attn_mask` ([Q, Q], True = blocked) is the one DN-DETR uses to keep
-    denoising groups apart.
+    denoising groups apart. `cross_kwargs` go untouched to `self.cross_attn`: DETR passes
+    none; a variant that swaps in a cross-attention module taking more than one bias
+    (SMCA's multi-scale `prior`) passes that module's own arguments there.
     """
 
     def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu"):
@@ -223,13 +225,13 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
 
     def forward(self, tgt, memory, *, memory_pos, query_pos, pad_mask=None, self_attn_mask=None,
-                cross_bias=None):
+                cross_bias=None, **cross_kwargs):
         """tgt, query_pos: [B, Q, C]; memory, memory_pos: [B, N, C]. Returns [B, Q, C]."""
         q = k = tgt + query_pos
         attn_out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
         tgt = self.norm1(tgt + self.dropout(attn_out))
         attn_out = self.cross_attn(tgt + query_pos, memory + memory_pos, memory,
-                                   pad_mask=pad_mask, bias=cross_bias, tag="cross")
+                                   pad_mask=pad_mask, bias=cross_bias, tag="cross", **cross_kwargs)
         tgt = self.norm2(tgt + self.dropout(attn_out))
         return self.ffn(tgt)
 

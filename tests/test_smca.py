@@ -265,7 +265,7 @@ def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
     pad = torch.zeros(B, 18, dtype=torch.bool)
     pad[1, [3, 7, 11, 13, 15, 17]] = True            # image 1: last column padded on every level
     priors = []
-    layer.cross_attn.register_forward_pre_hook(lambda mod, args, kw: priors.append(kw["bias"]),
+    layer.cross_attn.register_forward_pre_hook(lambda mod, args, kw: priors.append(kw["prior"]),
                                                with_kwargs=True)
     with torch.no_grad():
         # (W, H) per level, hand-counted: image 1 loses its last column on every level
@@ -279,7 +279,7 @@ def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
         assert not torch.allclose(prior.alpha[0], prior.alpha[1])    # each image its own weights
         assert [t.shape[-1] for t in prior.log_g] == sizes
         query, key = tgt + query_pos, memory + memory_pos
-        got = layer.cross_attn(query, key, memory, pad_mask=pad, bias=prior)
+        got = layer.cross_attn(query, key, memory, pad_mask=pad, prior=prior)
         want = naive_scale_selection(layer.cross_attn, query, key, memory, pad, prior.log_g, alpha, sizes)
     torch.testing.assert_close(got, want)
     assert isinstance(layer.cross_attn, ScaleSelectionCrossAttention)
