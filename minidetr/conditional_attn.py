@@ -44,8 +44,8 @@ from torch import nn
 
 from minidetr.backbone import sine_embed
 from minidetr.box_ops import inverse_sigmoid
-from minidetr.transformer import (MLP, Encoder, EncoderLayer, FeedForward, attention, cat_heads, clones,
-                                  xavier_init)
+from minidetr.transformer import (MLP, Encoder, EncoderLayer, FeedForward, attention, attention_weights,
+                                  cat_heads, clones, xavier_init)
 
 
 # ---- sine embedding of points and boxes ----
@@ -80,10 +80,14 @@ class PreprojectedAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.out_proj.bias)          # as the reference attention initialises it
 
-    def forward(self, q, k, v, pad_mask=None, attn_mask=None, tag="self"):
-        attn_out = attention(q, k, v, self.heads, pad_mask=pad_mask, attn_mask=attn_mask, tag=tag,
+    def forward(self, q, k, v, pad_mask=None, attn_mask=None):
+        attn_out = attention(q, k, v, self.heads, pad_mask=pad_mask, attn_mask=attn_mask,
                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(attn_out)
+
+    def attention_maps(self, q, k, v, pad_mask=None, attn_mask=None):
+        """forward's softmax weights, recomputed: (weights [B, h, Q, N], None: no bias)."""
+        return attention_weights(q, k, self.heads, pad_mask=pad_mask, attn_mask=attn_mask), None
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -137,7 +141,7 @@ class ConditionalDecoderLayer(nn.Module):
         # Content can no longer match a position (no c_q.p_k term): where to look is decided
         # by p_q.p_k alone, what to look for by c_q.c_k alone.
         attn_out = self.cross_attn(cat_heads(c_q, p_q, self.heads), cat_heads(c_k, p_k, self.heads),
-                                   self.ca_v_proj(memory), pad_mask=pad_mask, tag="cross")
+                                   self.ca_v_proj(memory), pad_mask=pad_mask)
         tgt = self.norm2(tgt + self.dropout(attn_out))
         return self.ffn(tgt)
 

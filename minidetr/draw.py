@@ -5,10 +5,13 @@
   predictions, one panel per head, over the image (PIL only). For Conditional DETR the
   maps show the bands at the box extremities the paper's Fig. 1 shows; for SMCA, the
   Gaussian prior log G itself can be drawn (kind="prior") beside the attention it shapes.
+  `record_attention` collects them with forward hooks, so the model code records nothing.
 - `plot_logs`: loss and AP against epoch from one or several `log.txt` files (matplotlib,
   an optional extra: `pip install matplotlib`).
 """
+import contextlib
 import json
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +19,6 @@ from einops import rearrange
 from PIL import Image, ImageDraw
 
 from minidetr.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToTensor
-from minidetr.transformer import record_attention
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
@@ -55,6 +57,47 @@ def draw_predictions(image, result, category_names=None, threshold=0.5):
 
 # ---- attention ----
 
+class Recorded(NamedTuple):
+    """One call of an attention module, as `record_attention` collects it."""
+    name: str               # the module's path in the model, e.g. 'decoder.layers.5.cross_attn'
+    weights: torch.Tensor   # [B, h, Q, N] softmax weights, each row a distribution over keys
+    bias: torch.Tensor      # [B, h, Q, N] the additive bias (SMCA's log G), or None
+
+
+@contextlib.contextmanager
+def record_attention(model, names=None):
+    """Record the attention maps `model` computes inside the block, through forward hooks.
+
+    Hooks the submodules that have an `attention_maps` method (transformer.MultiheadAttention,
+    conditional_attn.PreprojectedAttention, smca.ScaleSelectionCrossAttention), all of them
+    or those whose path is in `names`. Yields a list that fills with one Recorded per call,
+    in call order. The hook recomputes the weights from the module's inputs (the fused
+    kernel does not return them), before dropout: for inspection only. The hooks are removed
+    on leaving the block; outside it the model runs no recording code at all.
+    """
+    modules = {name: m for name, m in model.named_modules() if hasattr(m, "attention_maps")}
+    if names is not None:
+        unknown = sorted(set(names) - set(modules))
+        if unknown:
+            raise ValueError(f"no attention module at {unknown}; the model has {list(modules)}")
+        modules = {name: modules[name] for name in names}
+    recorded = []
+
+    def hook_for(name):
+        def record(module, args, kwargs, output):     # a forward hook with kwargs: the call's inputs
+            with torch.no_grad():
+                weights, bias = module.attention_maps(*args, **kwargs)
+            recorded.append(Recorded(name, weights, bias))
+        return record
+
+    handles = [m.register_forward_hook(hook_for(name), with_kwargs=True) for name, m in modules.items()]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def attention_maps(model, images, mask, kind="attention"):
     """The last decoder layer's cross-attention: (outputs, maps [B, h, Q, y, x]) of level 0.
@@ -66,20 +109,18 @@ def attention_maps(model, images, mask, kind="attention"):
     grids = []    # the levels' (y, x), read off the projection's output in the same forward pass
     hook = model.input_proj.register_forward_hook(
         lambda module, inputs, levels: grids.extend(tuple(src.shape[-2:]) for src, _ in levels))
+    last = f"decoder.layers.{len(model.decoder.layers) - 1}.cross_attn"
     try:
-        with record_attention() as recorded:
+        with record_attention(model, [last]) as recorded:
             outputs = model(images, mask)
     finally:
         hook.remove()
-    tag = "cross" if kind == "attention" else "cross_bias"
-    found = [w for t, w in recorded if t == tag]
-    if not found:
-        raise ValueError(f"this model records no {tag!r} maps"
-                         + (": only SMCA adds a Gaussian prior" if kind == "prior" else ""))
-    weights = found[-1].float()
+    weights = recorded[-1].weights.float()
     if kind == "prior":
-        weights = weights.exp()
-    y, x = grids[0]                                     # the first level's grid
+        if recorded[-1].bias is None:
+            raise ValueError(f"{last} adds no bias: only SMCA adds a Gaussian prior")
+        weights = recorded[-1].bias.float().exp()
+    y, x = grids[0]                       # level 0's grid; with several levels its tokens come first
     return outputs, rearrange(weights[..., :y * x], 'b h q (y x) -> b h q y x', y=y, x=x)
 
 

@@ -171,21 +171,34 @@ class ScaleSelectionCrossAttention(MultiheadAttention):
     a constant over each scale's keys, so the keys here (plain memory_pos) give the same.
     """
 
-    def forward(self, query, key, value, pad_mask=None, bias=None, tag="cross", *, prior):
+    def forward(self, query, key, value, pad_mask=None, bias=None, *, prior):
         """query: [B, Q, C]; key, value: [B, N, C], the scales' tokens one scale after another;
         pad_mask: [B, N] True on padding; prior: MultiScalePrior (each scale's log G, alpha).
         bias is the vanilla layer's cross_bias, None here: each scale brings its own log G.
         Returns [B, Q, C].
         """
-        if pad_mask is None:
-            pad_mask = torch.zeros(key.shape[:2], dtype=torch.bool, device=key.device)
-        per_scale = zip(key.split(prior.sizes, 1), value.split(prior.sizes, 1),
-                        pad_mask.split(prior.sizes, 1), prior.log_g)
         attn_out = 0
-        for s, (k, v, pad, log_g) in enumerate(per_scale):
-            out = super().forward(query, k, v, pad_mask=pad, bias=log_g, tag=tag)
+        for s, (k, v, pad, log_g) in enumerate(self._per_scale(key, value, pad_mask, prior)):
+            out = super().forward(query, k, v, pad_mask=pad, bias=log_g)
             attn_out = attn_out + rearrange(prior.alpha[..., s], 'b q -> b q 1') * out   # [B, Q, C]
         return attn_out
+
+    def attention_maps(self, query, key, value, pad_mask=None, bias=None, *, prior):
+        """forward's per-scale softmax weights and log G, scale after scale along the keys:
+        (weights [B, h, Q, N], log G [B, h, Q, N]); each scale's N_s columns sum to 1 on
+        their own (alpha mixes the scales' outputs, not these weights)."""
+        weights = []
+        for k, v, pad, log_g in self._per_scale(key, value, pad_mask, prior):
+            weights.append(super().attention_maps(query, k, v, pad_mask=pad, bias=log_g)[0])
+        return torch.cat(weights, -1), torch.cat(prior.log_g, -1)
+
+    @staticmethod
+    def _per_scale(key, value, pad_mask, prior):
+        """Split keys, values and padding into the scales: per scale (k, v, pad, log G)."""
+        if pad_mask is None:
+            pad_mask = torch.zeros(key.shape[:2], dtype=torch.bool, device=key.device)
+        return zip(key.split(prior.sizes, 1), value.split(prior.sizes, 1),
+                   pad_mask.split(prior.sizes, 1), prior.log_g)
 
 
 class SMCADecoderLayer(DecoderLayer):

@@ -21,36 +21,15 @@ Every variant computes attention through `attention` below: Conditional DETR cha
 mask. None of them re-implements the softmax. Underneath is
 torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel when it can.
 """
-import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 
 # ---- the one attention function ----
-
-_recorders = []   # stacks of lists filled by `record_attention`; empty almost always
-
-
-@contextlib.contextmanager
-def record_attention():
-    """Collect every attention map computed inside the block, for drawing.
-
-    Yields a list that fills with (tag, weights [B, h, Q, N]) in call order; the decoder's
-    cross-attention is tagged "cross", self-attention "self", and an additive bias, when one
-    is given, follows its map as (tag + "_bias", bias [B, h, Q, N]). The weights are computed
-    explicitly (the fused kernel does not return them), so only use this for inspection.
-    """
-    maps = []
-    _recorders.append(maps)
-    try:
-        yield maps
-    finally:
-        _recorders.remove(maps)
-
 
 def _additive_mask(pad_mask, attn_mask, bias, dtype):
     """Fold padding mask, blocking mask and bias into one float [B|1, h|1, Q|1, N] term."""
@@ -73,7 +52,7 @@ def _device_of(*tensors):
     return next(t.device for t in tensors if t is not None)
 
 
-def attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None, dropout_p=0.0, tag="self"):
+def attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None, dropout_p=0.0):
     """Multi-head scaled dot-product attention on already-projected inputs, Eq. (1).
 
     q: [B, Q, h*dq], k: [B, N, h*dq], v: [B, N, h*dv]. The per-head query/key width dq may
@@ -87,15 +66,22 @@ def attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None, dropout_
     mask = None
     if pad_mask is not None or attn_mask is not None or bias is not None:
         mask = _additive_mask(pad_mask, attn_mask, bias, q.dtype)
-    if _recorders:
-        logits = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-        weights = (logits if mask is None else logits + mask).softmax(-1)  # [B, h, Q, N]
-        for maps in _recorders:
-            maps.append((tag, weights.detach()))
-            if bias is not None:   # SMCA's log G, to draw the Gaussian prior itself
-                maps.append((f"{tag}_bias", bias.detach().expand_as(weights)))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return rearrange(out, 'b h q d -> b q (h d)')
+
+
+def attention_weights(q, k, heads, pad_mask=None, attn_mask=None, bias=None):
+    """The softmax of Eq. (1) written out, for inspection: softmax(Q K^T / sqrt(d) + B).
+
+    Same q, k, masks and bias as `attention` (no values); returns [B, h, Q, N], each row a
+    distribution over the keys (0 where blocked). The fused kernel `attention` calls does
+    not return its weights, so the attention modules' `attention_maps` recompute them here.
+    """
+    q, k = (rearrange(t, 'b n (h d) -> b h n d', h=heads) for t in (q, k))
+    logits = einsum(q, k, 'b h q d, b h n d -> b h q n') / q.shape[-1] ** 0.5
+    if pad_mask is not None or attn_mask is not None or bias is not None:
+        logits = logits + _additive_mask(pad_mask, attn_mask, bias, q.dtype)
+    return logits.softmax(-1)                                            # [B, h, Q, N]
 
 
 def cat_heads(a, b, heads):
@@ -114,6 +100,8 @@ class MultiheadAttention(nn.Module):
 
     Separate q/k/v Linear layers (torch's nn.MultiheadAttention packs them into one
     `in_proj_weight` [3C, C]; checkpoint conversion splits that into these three).
+    `attention_maps` takes forward's arguments and returns what its softmax weighed; every
+    attention module has one, for recorders hooked onto it (draw.record_attention).
     """
 
     def __init__(self, dim, heads, dropout=0.0):
@@ -142,11 +130,20 @@ class MultiheadAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             nn.init.zeros_(lin.bias)
 
-    def forward(self, query, key, value, pad_mask=None, attn_mask=None, bias=None, tag="self"):
+    def forward(self, query, key, value, pad_mask=None, attn_mask=None, bias=None):
         attn_out = attention(self.q_proj(query), self.k_proj(key), self.v_proj(value), self.heads,
-                             pad_mask=pad_mask, attn_mask=attn_mask, bias=bias, tag=tag,
+                             pad_mask=pad_mask, attn_mask=attn_mask, bias=bias,
                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(attn_out)
+
+    def attention_maps(self, query, key, value, pad_mask=None, attn_mask=None, bias=None):
+        """forward's softmax weights, recomputed: (weights [B, h, Q, N], bias [B, h, Q, N] or None).
+
+        The bias (SMCA's log G) is returned beside the weights it shaped, to draw it too.
+        """
+        weights = attention_weights(self.q_proj(query), self.k_proj(key), self.heads,
+                                    pad_mask=pad_mask, attn_mask=attn_mask, bias=bias)
+        return weights, None if bias is None else bias.expand_as(weights)
 
 
 class MLP(nn.Module):
@@ -231,7 +228,7 @@ class DecoderLayer(nn.Module):
         attn_out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
         tgt = self.norm1(tgt + self.dropout(attn_out))
         attn_out = self.cross_attn(tgt + query_pos, memory + memory_pos, memory,
-                                   pad_mask=pad_mask, bias=cross_bias, tag="cross", **cross_kwargs)
+                                   pad_mask=pad_mask, bias=cross_bias, **cross_kwargs)
         tgt = self.norm2(tgt + self.dropout(attn_out))
         return self.ffn(tgt)
 

@@ -86,15 +86,12 @@ def make_layer(scale="xy", beta=8.0, levels=1, seed=1):
     return layer
 
 
-def capture_biases(monkeypatch):
-    """Record the bias of every cross-attention call made through transformer.attention."""
-    seen, real = [], transformer.attention
-
-    def spy(*args, **kwargs):
-        if kwargs.get("tag") == "cross":
-            seen.append(kwargs["bias"])
-        return real(*args, **kwargs)
-    monkeypatch.setattr(transformer, "attention", spy)
+def capture_biases(module):
+    """Record the bias reaching every cross-attention module inside `module` (forward pre-hooks)."""
+    seen = []
+    for name, m in module.named_modules():
+        if name.endswith("cross_attn"):
+            m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["bias"]), with_kwargs=True)
     return seen
 
 
@@ -158,10 +155,10 @@ def test_decoder_grid_size_is_image_size_over_stride():
 # ---- the decoder layer ----
 
 @pytest.mark.parametrize("scale", ["fixed", "shared", "xy"])
-def test_layer_passes_log_g_as_cross_bias(monkeypatch, scale):
+def test_layer_passes_log_g_as_cross_bias(scale):
     """The bias reaching the cross-attention equals log G built by hand from the layer's weights."""
     layer, inputs = make_layer(scale), make_inputs()
-    seen = capture_biases(monkeypatch)
+    seen = capture_biases(layer)
     with torch.no_grad():
         _, centre_logits = run_layer(layer, inputs)
         tgt, query_pos = inputs[:2]
@@ -254,7 +251,7 @@ def naive_scale_selection(attn, query, key, value, pad, log_g, alpha, sizes):
     return linear(mixed, attn.out_proj)
 
 
-def test_scale_selection_weights_and_per_scale_softmax(monkeypatch):
+def test_scale_selection_weights_and_per_scale_softmax():
     """alpha = softmax(scale_select_head(o)) sums to one per image and query; Eq. (8) matches a naive loop."""
     shapes = [(3, 4), (2, 2), (1, 2)]
     sizes = [12, 4, 2]
@@ -327,7 +324,7 @@ def test_multiscale_projection_levels_and_masks():
 
 # ---- the stack, queries and build ----
 
-def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
+def test_decoder_box_ref_is_layer0_centre_logits_reused():
     """box_ref repeats layer 0's pre-sigmoid centre for every layer; layer 1's prior uses it."""
     torch.manual_seed(2)
     layers = [SMCADecoderLayer(D, H, FF, 0.0, predicts_centre=(i == 0), scale="xy") for i in range(2)]
@@ -337,7 +334,7 @@ def test_decoder_box_ref_is_layer0_centre_logits_reused(monkeypatch):
     tgt = torch.zeros(B, Q, D)
     layer_outs = []
     dec.layers[0].register_forward_hook(lambda mod, args, out: layer_outs.append(out[0]))
-    seen = capture_biases(monkeypatch)
+    seen = capture_biases(dec)
     with torch.no_grad():
         hs, box_ref = dec(tgt, memory, memory_pos=memory_pos, pad_mask=pad, query_pos=query_pos,
                           spatial_shapes=[(Y, X)], image_sizes=torch.tensor([[4, 3], [3, 2]]))

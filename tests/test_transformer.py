@@ -2,9 +2,10 @@
 import math
 
 import torch
+from einops import rearrange
 
 from minidetr.transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, MultiheadAttention,
-                                  attention, cat_heads, record_attention)
+                                  attention, attention_weights, cat_heads)
 
 B, Q, N, D, H = 2, 5, 12, 16, 4
 
@@ -31,6 +32,27 @@ def naive_attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None):
                 for j in range(k.shape[1]):
                     out[b, i, h * dv:(h + 1) * dv] += (w[j] / z) * v[b, j, h * dv:(h + 1) * dv]
     return out
+
+
+def naive_attention_weights(q, k, heads, pad_mask=None, attn_mask=None, bias=None):
+    """softmax(q k^T / sqrt(d) + bias, -inf where masked) as [B, h, Q, N], entry by entry."""
+    dq = q.shape[-1] // heads
+    weights = torch.zeros(q.shape[0], heads, q.shape[1], k.shape[1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            for i in range(q.shape[1]):
+                logits = []
+                for j in range(k.shape[1]):
+                    s = sum(q[b, i, h * dq + t].item() * k[b, j, h * dq + t].item() for t in range(dq))
+                    s = s / math.sqrt(dq) + (0.0 if bias is None else bias[b, h, i, j].item())
+                    blocked = (pad_mask is not None and pad_mask[b, j]) or \
+                              (attn_mask is not None and attn_mask[i, j])
+                    logits.append(-math.inf if blocked else s)
+                top = max(logits)
+                w = [math.exp(s - top) for s in logits]
+                for j in range(k.shape[1]):
+                    weights[b, h, i, j] = w[j] / sum(w)
+    return weights
 
 
 def rand(*shape, seed=0):
@@ -113,14 +135,34 @@ def test_decoder_returns_every_layer_through_shared_norm():
     assert torch.allclose(hs[-1], dec.norm(x))
 
 
-def test_record_attention_rows_sum_to_one_and_respect_padding():
-    """Recorded maps are distributions over keys with zero weight on padding."""
-    q, k, v = rand(B, Q, D, seed=18), rand(B, N, D, seed=19), rand(B, N, D, seed=20)
+def test_attention_weights_match_naive_softmax_and_respect_padding():
+    """The written-out weights equal a float64 loop (padding, blocking mask, bias), are
+    distributions over keys, and give padding zero weight."""
+    q, k = rand(B, Q, D, seed=18), rand(B, N, D, seed=19)
     pad = torch.zeros(B, N, dtype=torch.bool)
     pad[0, -3:] = True
-    with record_attention() as maps:
-        attention(q, k, v, H, pad_mask=pad, tag="cross")
-    (tag, w), = maps
-    assert tag == "cross" and w.shape == (B, H, Q, N)
+    block = torch.zeros(Q, N, dtype=torch.bool)
+    block[1, :4] = True
+    bias = rand(B, H, Q, N, seed=20)
+    w = attention_weights(q, k, H, pad_mask=pad, attn_mask=block, bias=bias)
+    assert w.shape == (B, H, Q, N)
+    torch.testing.assert_close(w, naive_attention_weights(q, k, H, pad, block, bias), rtol=0, atol=1e-12)
     assert torch.allclose(w.sum(-1), torch.ones(B, H, Q, dtype=torch.float64))
-    assert (w[0, :, :, -3:] == 0).all()
+    assert (w[0, :, :, -3:] == 0).all() and (w[:, :, 1, :4] == 0).all()
+
+
+def test_attention_maps_are_the_weights_forward_applies():
+    """MultiheadAttention.attention_maps: its weights times the projected values, through
+    out_proj, give forward's output; the bias comes back as given, full [B, h, Q, N]."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(D, H).double()
+    query, key, value = rand(B, Q, D, seed=21), rand(B, N, D, seed=22), rand(B, N, D, seed=23)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, 5:] = True
+    bias = rand(B, H, 1, N, seed=24)                            # broadcast over queries
+    weights, got_bias = attn.attention_maps(query, key, value, pad_mask=pad, bias=bias)
+    v = rearrange(attn.v_proj(value), 'b n (h d) -> b h n d', h=H)
+    mixed = rearrange(weights @ v, 'b h q d -> b q (h d)')
+    torch.testing.assert_close(attn.out_proj(mixed), attn(query, key, value, pad_mask=pad, bias=bias))
+    assert torch.equal(got_bias, bias.expand(B, H, Q, N))
+    assert attn.attention_maps(query, key, value)[1] is None
