@@ -227,7 +227,7 @@ def render_controls(runs):
                     f"{log[EPOCHS - 1][1]:.3f} / {log[EPOCHS - 1][2]:.3f} |")
     if not rows:
         return ""
-    return "\n".join(["", "Controlled initialisation runs (see below for what each swaps):", "",
+    return "\n".join(["", "", "Controlled initialisation runs (see below for what each swaps):", "",
                       "| run | train loss, epochs 0-4 | AP50 after epochs 0-4 | final AP / AP50 |",
                       "|---|---|---|---|", *rows])
 

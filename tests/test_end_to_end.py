@@ -33,14 +33,17 @@ def weighted(criterion, losses):
 
 @pytest.mark.parametrize("variant", ["detr", "conditional", "smca", "dn"])
 def test_tiny_model_overfits_two_images(two_images, variant):
-    """220 steps on 2 images (9 objects) -> COCO AP50 >= 0.9 on those images, every variant."""
+    """300 steps on 2 images (9 objects) -> COCO AP50 >= 0.9 on those images, every variant.
+
+    dn with seed 0 reaches 1.0 by step 260 at 1 or 2 threads, but only 0.72 at step 220 with
+    2 threads (other summation orders): 300 leaves a margin for other machines."""
     ds, (images, mask, targets) = two_images
     torch.manual_seed(0)
     cfg = minidetr.Config.for_variant(variant, preset="tiny", lr=1e-4, lr_backbone=1e-4, dropout=0.0)
     model, criterion, postprocess = minidetr.build(cfg)
     optimizer, _ = build_optimizer(model, cfg)
     model.train()
-    for _ in range(220):
+    for _ in range(300):
         total = weighted(criterion, criterion(model(images, mask, targets), targets))
         optimizer.zero_grad()
         total.backward()
