@@ -12,25 +12,14 @@ B, Q, N, D, H = 2, 5, 12, 16, 4
 
 def naive_attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None):
     """softmax(q k^T / sqrt(d) + bias, -inf where masked) v, one head and one query at a time."""
-    dq, dv = q.shape[-1] // heads, v.shape[-1] // heads
+    weights = naive_attention_weights(q, k, heads, pad_mask, attn_mask, bias)   # [B, h, Q, N]
+    dv = v.shape[-1] // heads
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
     for b in range(q.shape[0]):
         for h in range(heads):
             for i in range(q.shape[1]):
-                logits = []
                 for j in range(k.shape[1]):
-                    s = sum(q[b, i, h * dq + t].item() * k[b, j, h * dq + t].item() for t in range(dq))
-                    s /= math.sqrt(dq)
-                    if bias is not None:
-                        s += bias[b, h, i, j].item()
-                    blocked = (pad_mask is not None and pad_mask[b, j]) or \
-                              (attn_mask is not None and attn_mask[i, j])
-                    logits.append(-math.inf if blocked else s)
-                m = max(logits)
-                w = [math.exp(s - m) for s in logits]
-                z = sum(w)
-                for j in range(k.shape[1]):
-                    out[b, i, h * dv:(h + 1) * dv] += (w[j] / z) * v[b, j, h * dv:(h + 1) * dv]
+                    out[b, i, h * dv:(h + 1) * dv] += weights[b, h, i, j] * v[b, j, h * dv:(h + 1) * dv]
     return out
 
 
