@@ -200,7 +200,7 @@ class ConditionalDecoder(nn.Module):
                         self_attn_mask=self_attn_mask)
             hs.append(self.norm(tgt))
         box_ref = inverse_sigmoid(ref_points, eps=1e-5)                # [B, Q, 2] (C5)
-        return torch.stack(hs), repeat(box_ref, 'b q r -> l b q r', l=len(hs))
+        return torch.stack(hs), repeat(box_ref, 'b q box -> l b q box', l=len(hs))
 
 
 # ---- DAB-DETR / DN-DETR: 4-D anchor boxes refined layer by layer ----
@@ -235,7 +235,7 @@ class AnchorQueries(nn.Module):
 
     def forward(self, batch_size):
         """-> dict(tgt zeros [B, Q, C], ref_points [B, Q, 4] cxcywh in (0, 1)); no query_pos (D1)."""
-        ref_points = repeat(self.refpoint_embed.weight.sigmoid(), 'q r -> b q r', b=batch_size)
+        ref_points = repeat(self.refpoint_embed.weight.sigmoid(), 'q box -> b q box', b=batch_size)
         tgt = ref_points.new_zeros(batch_size, ref_points.shape[1], self.dim)
         return dict(tgt=tgt, ref_points=ref_points)
 
