@@ -17,13 +17,16 @@ FFN 512, 1 encoder + 3 decoder layers, dropout 0, batch 8, lr 3e-4 everywhere, w
 decay 1e-4, 5 epochs (1,250 steps) with the lr drop after 4, clip 0.1; per variant the stage
 and the queries of minidetr's tiny preset (OFFICIAL_FLAGS). One thread per run and `--jobs`
 runs at a time (one per core). Resumable: a run whose log.txt holds its last epoch is
-never repeated; an unfinished one starts again. Results: RESULTS.md, section "Against the
+never repeated (finished logs are also copied to benchmarks/official_logs/, committed with
+the results, so another machine continues where this one stopped); an unfinished one starts
+again. Results: RESULTS.md, section "Against the
 official code", and official.png.
 """
 import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,8 +54,24 @@ OFFICIAL_FLAGS = {
 SIDES = ("official", "minidetr")
 
 
+# finished runs' log.txt, kept with the results (a few lines each), so that a later session
+# or machine continues the benchmark instead of repeating it
+ARCHIVE = ROOT / "benchmarks" / "official_logs"
+
+
 def run_dir(runs, side, variant, seed):
     return Path(runs) / f"{side}_{variant}_s{seed}"
+
+
+def log_of(folder):
+    """A run's log.txt: the archived copy if there is one, else the one in its folder."""
+    archived = ARCHIVE / f"{Path(folder).name}.txt"
+    return archived if archived.exists() else Path(folder) / "log.txt"
+
+
+def archive(folder):
+    ARCHIVE.mkdir(exist_ok=True)
+    shutil.copyfile(Path(folder) / "log.txt", ARCHIVE / f"{Path(folder).name}.txt")
 
 
 def read_log(path):
@@ -69,7 +88,7 @@ def read_log(path):
 
 
 def is_complete(folder):
-    return (EPOCHS - 1) in read_log(Path(folder) / "log.txt")
+    return (EPOCHS - 1) in read_log(log_of(folder))
 
 
 def command(side, variant, seed, folder, args):
@@ -132,7 +151,10 @@ def run_all(args):
             proc, folder, start = item
             if proc.poll() is not None:
                 running.remove(item)
-                state = "done" if is_complete(folder) else f"FAILED (exit {proc.returncode})"
+                done = (EPOCHS - 1) in read_log(Path(folder) / "log.txt")
+                if done:
+                    archive(folder)
+                state = "done" if done else f"FAILED (exit {proc.returncode})"
                 print(f"[official.py] {folder.name}: {state} in {(time.time() - start) / 60:.1f} min",
                       flush=True)
                 report(args)                              # partial results as they come
@@ -143,7 +165,7 @@ def collect(args):
     found = {}
     for variant in args.variants:
         for side in SIDES:
-            logs = [read_log(run_dir(args.runs, side, variant, s) / "log.txt") for s in args.seeds]
+            logs = [read_log(log_of(run_dir(args.runs, side, variant, s))) for s in args.seeds]
             found[(variant, side)] = [log for log in logs if (EPOCHS - 1) in log]
     return found
 
@@ -217,13 +239,15 @@ def render_controls(runs):
     """Rows for the controlled initialisation runs: folders control_<variant>_<what>_s<seed>
     (train.py --resume of a benchmarks/swap_init.py checkpoint)."""
     rows = []
-    for folder in sorted(Path(runs).glob("control_*")):
-        log = read_log(folder / "log.txt")
+    names = {f.name for f in Path(runs).glob("control_*")} | {f.stem for f in ARCHIVE.glob("control_*")}
+    for name in sorted(names):
+        folder = Path(runs) / name
+        log = read_log(log_of(folder))
         if (EPOCHS - 1) not in log:
             continue
         loss = " ".join(f"{log[e][0]:.2f}" for e in range(EPOCHS))
         ap50 = " ".join(f"{log[e][2]:.3f}" for e in range(EPOCHS))
-        rows.append(f"| {folder.name[len('control_'):]} | {loss} | {ap50} | "
+        rows.append(f"| {name[len('control_'):]} | {loss} | {ap50} | "
                     f"{log[EPOCHS - 1][1]:.3f} / {log[EPOCHS - 1][2]:.3f} |")
     if not rows:
         return ""
