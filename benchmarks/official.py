@@ -191,7 +191,10 @@ def render(found, args):
                          f"| {' '.join(f'{x:.3f}' for x in mean[2])} "
                          f"| {fmt_spread([r[EPOCHS - 1][1] for r in runs])} "
                          f"| {fmt_spread(finals[side])} |")
-        if len(finals) == 2:
+        if len(finals) == 2 and min(len(v) for v in finals.values()) < 2:
+            verdicts.append(f"- {variant}: one seed on a side so far; no verdict (the seed spread "
+                            "is the yardstick, and one run has none)")
+        elif len(finals) == 2:
             off, ours = finals["official"], finals["minidetr"]
             floor = sum(off) / len(off) - (max(off) - min(off))
             mean_ours = sum(ours) / len(ours)
