@@ -16,7 +16,21 @@ symbolic links): ResNet-18 from random weights with trainable BatchNorm, 128-d, 
 FFN 512, 1 encoder + 3 decoder layers, dropout 0, batch 8, lr 3e-4 everywhere, weight
 decay 1e-4, 5 epochs (1,250 steps) with the lr drop after 4, clip 0.1; per variant the stage
 and the queries of minidetr's tiny preset (OFFICIAL_FLAGS). One thread per run and `--jobs`
-runs at a time (one per core). Resumable: a run whose log.txt holds its last epoch is
+runs at a time (one per core).
+
+SMCA needs one change to be like for like. The official SMCA code turns each query's
+predicted centre (a fraction of the image) into feature-map cells by multiplying by the image
+size in pixels and dividing by 32 (models/transformer.py, the `/ 32` in the first decoder
+layer): right at stride 32, the stage its paper uses. The tiny preset cuts ResNet-18 at layer2
+(stride 8), where that constant puts every Gaussian on a quarter-scale grid in the map's
+top-left corner (unpatched, the official run learns almost nothing: AP50 0.039 where minidetr,
+which divides by the true stride, reaches 0.46). So the smca row runs a copy of SMCA-DETR with
+that one constant set to the stage's stride, given by `--refs_smca DIR2` (DIR2/SMCA-DETR):
+
+    cp -r DIR/SMCA-DETR DIR2/ && sed -i 's|point_sigmoid_ref / 32|point_sigmoid_ref / 8|' \
+        DIR2/SMCA-DETR/models/transformer.py
+
+Resumable: a run whose log.txt holds its last epoch is
 never repeated (finished logs are also copied to benchmarks/official_logs/, committed with
 the results, so another machine continues where this one stopped); an unfinished one starts
 again. Results: RESULTS.md, section "Against the
@@ -96,7 +110,8 @@ def command(side, variant, seed, folder, args):
         return [sys.executable, str(ROOT / "train.py"), "--variant", variant, "--seed", str(seed),
                 "--output_dir", str(folder)]
     name, flags = OFFICIAL_FLAGS[variant]
-    return [args.ref_python, args.harness, "--refs", args.refs, name, "--coco_path",
+    refs = args.refs_smca if variant == "smca" else args.refs
+    return [args.ref_python, args.harness, "--refs", refs, name, "--coco_path",
             str(coco_layout(args.runs)), "--output_dir", str(folder), "--save_init",
             str(Path(folder) / "init.pt"), *COMMON, *flags, "--seed", str(seed)]
 
@@ -126,6 +141,9 @@ def run_all(args):
                                                                and args.harness):
         sys.exit("error: the official side needs --refs, --ref_python and --harness "
                  "(or --sides minidetr)")
+    if any(side == "official" and v == "smca" for side, v, _ in todo) and not args.refs_smca:
+        sys.exit("error: the official smca runs need --refs_smca: a copy of SMCA-DETR with its "
+                 "grid constant set to the stage's stride (see this script's docstring)")
     if args.print_commands:   # for a queue of one's own: one shell line per missing run
         for side, variant, seed in todo:
             folder = run_dir(args.runs, side, variant, seed)
@@ -271,6 +289,8 @@ def get_args(argv=None):
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_argument("--refs", help="folder of the official repositories")
     cli.add_argument("--ref_python", help="the Python of the official code's environment")
+    cli.add_argument("--refs_smca", help="folder holding SMCA-DETR/ with its grid constant set "
+                     "to the tiny stage's stride (8): see the docstring")
     cli.add_argument("--harness", help="the reference-training harness's ref_train.py")
     cli.add_argument("--variants", nargs="+", default=list(OFFICIAL_FLAGS), choices=list(OFFICIAL_FLAGS))
     cli.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
