@@ -95,10 +95,11 @@ if [ "$device" = cuda ]; then   # last, with the GPU to itself
     step "speed.py --device cuda" "$python" benchmarks/speed.py --device cuda --iters 10 \
         --results "$out/RESULTS.md"
     cp benchmarks/speed.json "$out/speed.json" 2>/dev/null
-    # the suite last: the longest step, and the one a GPU is least likely to change
+    # the suite last: the longest step, and the one a GPU is least likely to change;
+    # -v names each test as it ends, so a run cut short still says which ones failed
     xdist=()
     "$python" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-    step "tests on cuda" env MINIDETR_TEST_DEVICE=cuda OMP_NUM_THREADS=2 "$python" -m pytest -q "${xdist[@]}" tests
+    step "tests on cuda" env MINIDETR_TEST_DEVICE=cuda OMP_NUM_THREADS=2 "$python" -m pytest -v -rf "${xdist[@]}" tests
 fi
 echo "gpu_check: $failed failed step(s) on $name; log in $log" | tee -a "$log"
 exit $failed

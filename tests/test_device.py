@@ -41,8 +41,16 @@ def test_attention_on_device_matches_the_float64_loop(device):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_eval_outputs_on_device_equal_the_cpu(variant, device):
-    """Same weights, same batch: the device's pred_logits / pred_boxes equal the CPU's."""
+def test_eval_outputs_on_device_equal_the_cpu(variant, device, monkeypatch):
+    """Same weights, same batch: the device's pred_logits / pred_boxes equal the CPU's.
+
+    With TF32 off: PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit
+    mantissa, ~1e-3 relative per product), which over ResNet-18's 20 convolutions from random
+    weights is more than this comparison's tolerance; the check is of minidetr's code on the
+    device, not of TF32's rounding."""
+    if device.type == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = minidetr.build(variant, preset="tiny")[0].eval()
     images, mask, _ = batch("cpu")
