@@ -204,6 +204,17 @@ def stage_strides(dilation=False):
 
 # ---- the detection backbone: feature maps + downsampled padding masks ----
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (x86 AVX-512 BF16 or AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:   # a torch without these probes, or not an x86 build: assume not
+        return False
+
+
 
 class Backbone(nn.Module):
     """A ResNet without its classifier, returning chosen stages with their padding masks.
@@ -216,12 +227,16 @@ class Backbone(nn.Module):
     dilation: DC5, layer4 keeps stride 16 with dilation 2 (DETR README, R50: 43.3 vs 42.0
       AP, at 4x the encoder tokens and 2.3x the inference time).
     return_layers: which stages to return, in this order.
+    precision: 'fp32' | 'bf16' | 'auto', see `runs_in_bf16`.
     Attributes num_channels and strides: one entry per returned stage.
     """
 
     def __init__(self, name: str, frozen_bn: bool, freeze_stem: bool, train_backbone: bool,
-                 dilation: bool, return_layers=("layer4",)):
+                 dilation: bool, return_layers=("layer4",), precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"backbone precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.precision = precision
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNETS)}")
         unknown = [n for n in return_layers if n not in LAYER_NAMES]
@@ -246,6 +261,19 @@ class Backbone(nn.Module):
             trainable = train_backbone and (not freeze_stem or param_name.startswith(LAYER_NAMES[1:]))
             param.requires_grad_(trainable)
 
+    def runs_in_bf16(self, device: torch.device) -> bool:
+        """Whether the convolutions run under bf16 autocast (BatchNorm and the output stay float32).
+
+        'auto' (the tiny preset) means bf16 on a CPU with bf16 instructions (AVX-512 BF16 or
+        AMX): there a ResNet's forward and backward take about half the float32 time (the
+        step of tiny dn: ~0.65x), while the transformer's small matrix products gain nothing
+        from bf16 and would pay for the casts, so only the backbone switches. On a CPU
+        without them bf16 is emulated and slower, and on a GPU `--amp` is the switch: fp32.
+        """
+        if self.precision == "auto":
+            return device.type == "cpu" and cpu_has_bf16()
+        return self.precision == "bf16"
+
     def train(self, mode: bool = True):
         super().train(mode)
         # A frozen trainable-type BN must not keep updating its running statistics either
@@ -261,15 +289,19 @@ class Backbone(nn.Module):
         per entry of return_layers, in that order.
         """
         body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))   # [B, 64, H/4, W/4]
+        bf16 = self.runs_in_bf16(images.device)
+        if bf16:   # oneDNN's bf16 convolutions want NHWC; the result is the same tensor either way
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = {}
-        last = max(LAYER_NAMES.index(n) for n in self.return_layers)
-        for name in LAYER_NAMES[: last + 1]:
-            x = getattr(body, name)(x)
-            feats[name] = x
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = body.maxpool(body.relu(body.bn1(body.conv1(images))))   # [B, 64, H/4, W/4]
+            last = max(LAYER_NAMES.index(n) for n in self.return_layers)
+            for name in LAYER_NAMES[: last + 1]:
+                x = getattr(body, name)(x)
+                feats[name] = x
         levels = []
         for name in self.return_layers:
-            feat = feats[name]
+            feat = feats[name].float() if bf16 else feats[name]   # the transformer stays float32
             # nearest resize as DETR: cell (i, j) is padding iff pixel (i*H/y, j*W/x) is
             level_mask = F.interpolate(mask[None].float(), size=feat.shape[-2:]).bool()[0]   # [B, y, x]
             levels.append((feat, level_mask))

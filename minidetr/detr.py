@@ -193,7 +193,8 @@ def build(cfg="detr", preset="paper", **overrides):
     parts = build_parts(cfg, bbox_embed)
     backbone = Backbone(cfg.backbone, frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem,
                         train_backbone=cfg.lr_backbone > 0, dilation=cfg.dilation,
-                        return_layers=parts.get("return_layers", (cfg.backbone_stage,)))
+                        return_layers=parts.get("return_layers", (cfg.backbone_stage,)),
+                        precision=cfg.backbone_precision)
     if cfg.backbone_weights:
         load_backbone_weights(backbone, cfg.backbone_weights)
     input_proj = parts.get("input_proj") or LevelProjection(backbone.num_channels, cfg.hidden_dim)

@@ -12,7 +12,10 @@ on the CPU nothing waits, so we count the calls that *would* wait):
     indexing, unique): the host must read the values to allocate the result;
   - copies to the host: Tensor.cpu() and Tensor.tolist() calls (on a CPU tensor neither
     reaches the dispatcher, so they are counted where Python calls them), and
-    aten._to_copy with device=cpu (`.to("cpu")`).
+    aten._to_copy with device=cpu (`.to("cpu")`) made by the step's own code: the autograd
+    engine's _to_copy calls are not transfers (the backward of a dtype cast, e.g. of the
+    bf16 backbone's autocast, casts the gradient back on the device its input was on, which
+    on the CPU names device=cpu).
 Not counted: host-to-device copies (asynchronous); reads of tensors that live on the host
 on a GPU machine too: AdamW's `state["step"]` counters (torch keeps them on the CPU unless
 capturable/fused, and its scalar reads come from torch/optim), and numpy work on what the
@@ -62,7 +65,8 @@ def sync_kind(func, args, kwargs):
     if name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
                                     for i in (args[1] if len(args) > 1 else []) if i is not None):
         return "boolean index"
-    if name == "aten._to_copy" and kwargs.get("device") == torch.device("cpu"):
+    if (name == "aten._to_copy" and kwargs.get("device") == torch.device("cpu")
+            and torch._C._current_autograd_node() is None):
         return "copy to host"
     return None
 
