@@ -22,6 +22,7 @@ torchrun a rank that fails prints "[rank N] error: ..." and the whole job ends.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -140,13 +141,19 @@ def main(argv=None):
                 interrupted(progress, out_dir)
                 break
             if progress.should_evaluate(finished):
+                eval_start = time.time()
                 result = run_eval()
                 log = {**{f"train_{k}": v for k, v in train_stats.items()},
                        **{f"test_{k}": v for k, v in result["losses"].items()},
                        "test_coco_eval_bbox": result["stats"],
                        "epoch": progress.epoch - 1 if finished else progress.epoch,
                        "step": progress.global_step, "n_parameters": n_parameters,
-                       "epoch_time": round(time.time() - start_time, 1)}
+                       "epoch_time": round(time.time() - start_time, 1),   # since the run started
+                       # speed: the epoch's median step (loading + training) and the evaluation
+                       "step_time_median": round(statistics.median(progress.step_times), 4)
+                       if progress.step_times else None,
+                       "eval_time": round(time.time() - eval_start, 2),
+                       "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2)}
                 write_log(log, train_stats, result, out_dir)
             if progress.ended_early:
                 break

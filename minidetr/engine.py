@@ -293,6 +293,7 @@ class TrainingProgress:
         self.epoch, self.step = epoch, step
         self.global_step = epoch * self.steps_per_epoch + step
         self.stop, self.ended_early = StopRequest(), False
+        self.step_times = []   # this epoch's, see batches()
         if cfg.max_steps and self.global_step >= cfg.max_steps:   # resumed at the budget
             self.epoch = cfg.epochs
             if distributed.is_main_process():
@@ -309,12 +310,15 @@ class TrainingProgress:
     def batches(self):
         """This epoch's remaining batches; checked for a stop before each, counted after each."""
         loader = make_loader(self.data, self.cfg, self.epoch, train=True, skip_batches=self.step)
+        self.step_times, start = [], time.perf_counter()   # per step: loading + training, seconds
         for batch in loader:
             # before each step, so a Ctrl-C during an evaluation also stops before the next one
             if self.stop.should_stop():
                 self.ended_early = True
                 return
             yield batch
+            self.step_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
             self.step, self.global_step = self.step + 1, self.global_step + 1
             if self.cfg.max_steps and self.global_step >= self.cfg.max_steps:
                 self.ended_early = True

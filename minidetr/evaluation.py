@@ -15,6 +15,7 @@ shards are counted once.
 import contextlib
 import io
 import math
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -47,9 +48,12 @@ def to_coco_detections(image_id, result):
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none", progress=True):
-    """-> dict(stats=[12 floats], per_class={cat_id: AP}, losses={name: mean}, detections=n)."""
+    """-> dict(stats=[12 floats], per_class={cat_id: AP}, losses={name: mean}, detections=n,
+    images=n, loop_seconds=s): loop_seconds is the batch loop (loading, forward, losses,
+    post-processing), as DETR's evaluate times it, without the COCOeval summary after it."""
     model.eval()
-    detections, loss_sums, batches = {}, defaultdict(float), 0
+    detections, loss_sums, batches, images_seen = {}, defaultdict(float), 0, 0
+    start = time.perf_counter()
     bar = tqdm(loader, desc="eval", leave=False, disable=not (progress and distributed.is_main_process()))
     for images, mask, targets in bar:
         images, mask = images.to(device), mask.to(device)
@@ -61,17 +65,19 @@ def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none",
             loss_sums["loss"] += float(total_loss(losses, criterion.weight_dict))
             for k, v in losses.items():
                 loss_sums[k] += float(v)
-        batches += 1
+        batches, images_seen = batches + 1, images_seen + len(targets)
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         for target, result in zip(targets, postprocess(outputs, orig_sizes)):
             detections[int(target["image_id"])] = to_coco_detections(target["image_id"], result)
+    loop_seconds = time.perf_counter() - start
     merged = {}
     for part in distributed.all_gather_object(detections):   # dedupe sampler padding
         merged.update(part)
     stats, per_class = coco_stats(coco_gt, merged)
     losses = {k: distributed.all_reduce_mean(v / max(batches, 1)) for k, v in sorted(loss_sums.items())}
     return {"stats": stats, "per_class": per_class, "losses": losses,
-            "detections": sum(len(v) for v in merged.values())}
+            "detections": sum(len(v) for v in merged.values()), "images": images_seen,
+            "loop_seconds": loop_seconds}
 
 
 def coco_stats(coco_gt, detections_by_image, verbose=False):

@@ -82,6 +82,10 @@ def test_train_eval_and_draw_scripts(tmp_path, monkeypatch, capsys):
     assert len(log["test_coco_eval_bbox"]) == 12 and log["epoch"] == 0
     for key in ("train_loss", "train_loss_ce", "train_loss_bbox_unscaled", "train_lr", "test_loss", "n_parameters"):
         assert key in log, key
+    # speed: 2 steps of 4 of 8 images, timed each; 4 val images over the evaluation loop's time
+    assert 0 < log["step_time_median"] < log["epoch_time"]
+    assert 0 < log["eval_time"] < log["epoch_time"]
+    assert log["eval_img_s"] >= 4 / log["eval_time"]   # the loop is part of the whole evaluation
     result = eval_script.main(["--resume", str(out / "checkpoint.pth")])
     assert len(result["stats"]) == 12
     image = sorted((tmp_path / "data").rglob("val/*.png"))[0]
