@@ -222,7 +222,7 @@ def render(found, args):
                             f"{sum(off) / len(off):.3f} (spread {max(off) - min(off):.3f}): "
                             f"{'meets' if mean_ours >= floor else 'BELOW'} the bar official mean - "
                             f"spread = {floor:.3f}")
-    lines += ["", *verdicts, "", "Made by `python benchmarks/official.py --refs DIR --ref_python PY "
+    lines += ["", *verdicts, "", "Made by `python benchmarks/official.py --refs DIR --refs_smca DIR2 --ref_python PY "
               "--harness H` (each run's command line in its folder's command.txt).", "",
               "![AP50 per epoch, minidetr (solid) and the official code (dashed), min-max bands]"
               "(official.png)"]

@@ -139,35 +139,39 @@ def measure(args):
     return found
 
 
-def render(found, args, note):
+def render(saved, note):
+    """The table from every saved entry (speed_official.json), each row with its settings."""
     med = lambda rows, i: statistics.median(r[i] for r in rows)   # noqa: E731
-    lines = [f"Machine: {machine_description()}. {note}", "",
-             f"One run per row and round, one thread each, one at a time (`--threads {args.threads}`); "
-             f"{args.steps} training steps (median step, data loading included, as the harness times "
-             f"the official code), then the evaluation of {args.val_images} val images; median over "
-             f"{args.rounds} rounds. minidetr fp32 = `--backbone_precision fp32` (the official code's "
-             "precision); minidetr = its default. Ratio = minidetr / official (below 1: minidetr faster "
-             "or smaller).", "",
-             "| preset | variant | official step ms | minidetr fp32 step ms (ratio) | minidetr step ms (ratio) "
-             "| official eval img/s | minidetr fp32 eval img/s (ratio) | minidetr eval img/s (ratio) "
-             "| peak RSS MiB official / fp32 / default |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for preset in args.presets:
-        for variant in args.variants:
-            rows = {s: found.get((preset, variant, s)) for s in ("official", "minidetr_fp32", "minidetr")}
-            if not all(rows.values()):
-                continue
-            off_step, off_img = med(rows["official"], 0), med(rows["official"], 1)
-            cells = [f"{off_step * 1000:.0f}"]
-            cells += [f"{med(rows[s], 0) * 1000:.0f} ({med(rows[s], 0) / off_step:.2f})"
-                      for s in ("minidetr_fp32", "minidetr")]
-            cells += [f"{off_img:.1f}"]
-            cells += [f"{med(rows[s], 1):.1f} ({med(rows[s], 1) / off_img:.2f}x)" for s in ("minidetr_fp32", "minidetr")]
-            cells += [" / ".join(f"{med(rows[s], 2):.0f}" for s in ("official", "minidetr_fp32", "minidetr"))]
-            lines.append(f"| {preset} | {variant} | " + " | ".join(cells) + " |")
+    sides = ("official", "minidetr_fp32", "minidetr")
+    machines = sorted({e["settings"]["machine"] for e in saved.values()})
+    lines = [f"Machine: {'; '.join(machines)}. {note}", "",
+             "Each row: runs of `--steps` training steps, one at a time on one thread each, taking "
+             "turns for `--rounds` rounds (median over them); the median step (data loading "
+             "included, as the harness times the official code), then the evaluation of "
+             "`--val_images` val images (images/s of the batch loop, as DETR's evaluate times it), "
+             "and the peak RSS of the training process. minidetr fp32 = `--backbone_precision fp32` "
+             "(the official code's precision); minidetr = its default. Ratio = minidetr / official "
+             "(a step or memory below 1, or images/s above 1: minidetr ahead).", "",
+             "| preset | variant | steps x rounds | official step ms | minidetr fp32 step ms (ratio) "
+             "| minidetr step ms (ratio) | official eval img/s | minidetr fp32 eval img/s (ratio) "
+             "| minidetr eval img/s (ratio) | peak RSS MiB official / fp32 / default (ratio) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(saved, key=lambda k: (k.split("/")[0] != "tiny", k)):
+        entry, (preset, variant) = saved[key], key.split("/")
+        if not all(s in entry for s in sides):
+            continue
+        rows, st = {s: entry[s] for s in sides}, entry["settings"]
+        off_step, off_img, off_rss = med(rows["official"], 0), med(rows["official"], 1), med(rows["official"], 2)
+        cells = [f"{st['steps']} x {st['rounds']}", f"{off_step * 1000:.0f}"]
+        cells += [f"{med(rows[s], 0) * 1000:.0f} ({med(rows[s], 0) / off_step:.2f})" for s in sides[1:]]
+        cells += [f"{off_img:.1f}"]
+        cells += [f"{med(rows[s], 1):.1f} ({med(rows[s], 1) / off_img:.2f})" for s in sides[1:]]
+        cells += [" / ".join(f"{med(rows[s], 2):.0f}" for s in sides)
+                  + f" ({med(rows['minidetr'], 2) / off_rss:.2f})"]
+        lines.append(f"| {preset} | {variant} | " + " | ".join(cells) + " |")
     lines += ["", "Made by `python benchmarks/speed_official.py --refs DIR --refs_smca DIR2 --ref_python PY "
-              f"--harness H --presets {' '.join(args.presets)} --variants {' '.join(args.variants)} "
-              f"--steps {args.steps} --rounds {args.rounds} --val_images {args.val_images}`."]
+              "--harness H --presets P --steps N --rounds R --val_images V` (raw numbers: "
+              "speed_official.json)."]
     return "\n".join(lines)
 
 
@@ -189,10 +193,23 @@ def get_args(argv=None):
     return cli.parse_args(argv)
 
 
+def merge(found, path, args):
+    """Merge this invocation's rows into the JSON beside RESULTS.md (one entry per preset and
+    variant, with the settings it was measured at); returns them all, {key: entry}."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    for (preset, variant, side), rows in found.items():
+        entry = saved.setdefault(f"{preset}/{variant}", {})
+        entry[side] = rows
+        entry["settings"] = dict(steps=args.steps, rounds=args.rounds, threads=args.threads,
+                                 val_images=args.val_images, machine=machine_description(), note=args.note)
+    path.write_text(json.dumps(saved, indent=1))
+    return saved
+
+
 def main(argv=None):
     args = get_args(argv)
-    found = measure(args)
-    body = "## Speed against the official code\n\n" + render(found, args, args.note)
+    saved = merge(measure(args), Path(args.results).with_name("speed_official.json"), args)
+    body = "## Speed against the official code\n\n" + render(saved, args.note)
     update_section(args.results, "speed-official", body)
     print(body)
 
