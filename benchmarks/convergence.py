@@ -5,7 +5,7 @@ Conditional DETR reaches DETR's accuracy 6.7x faster, SMCA cuts DETR's 500 epoch
 DN-DETR reaches its baseline's accuracy in half the epochs. This script asks the same
 question at the tiny preset on the built-in shapes dataset:
 
-    python benchmarks/convergence.py                 # 5 runs x 3 seeds, the tiny preset's schedule
+    python benchmarks/convergence.py                 # every variant x 3 seeds, 1,250 steps each
     python benchmarks/convergence.py --quick         # a few minutes on 2 CPU cores (plumbing check)
     python benchmarks/convergence.py --report_only   # rewrite RESULTS.md from the logs there are
 
@@ -52,6 +52,7 @@ RUNS = {
     "detr_stride8": ["--variant", "detr", "--backbone_stage", "layer2"],
 }
 BASELINE = "detr"
+RACE_STEPS = 1250   # the default budget: 5 epochs of 250 steps, lr drop after 4 (see get_args)
 FRACTIONS = (0.25, 0.5, 1.0)
 METRICS = {"AP": 0, "AP50": 1, "AP75": 2}          # index in test_coco_eval_bbox
 # The papers' own convergence claims (their abstracts and tables), as a fraction of the baseline's epochs.
@@ -408,8 +409,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (--quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help="budget in optimiser steps (default: "
-                   "the tiny preset's full schedule, epochs * ceil(shapes_train / batch_size))")
+    p.add_argument("--steps", type=int, default=None, help="budget in optimiser steps (default "
+                   f"{RACE_STEPS}: 5 epochs of the tiny preset, the budget the race's tables were built on; "
+                   "0 = the preset's full schedule, epochs * ceil(shapes_train / batch_size))")
     p.add_argument("--shapes_train", type=int, default=None, help="default: the tiny preset's")
     p.add_argument("--shapes_val", type=int, default=None, help="default: the tiny preset's")
     p.add_argument("--device", default="", help="passed to train.py (default: its own, cpu)")
@@ -427,6 +429,7 @@ def get_args(argv=None):
             if getattr(args, key) is None:
                 setattr(args, key, QUICK[key])
     args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    args.steps = RACE_STEPS if args.steps is None else (args.steps or None)   # 0: the full schedule
     folder = ROOT / "benchmarks" / ("runs_quick" if args.quick else "runs")
     args.out = Path(args.out).resolve() if args.out else folder
     default_results = (folder if args.quick else ROOT / "benchmarks") / "RESULTS.md"

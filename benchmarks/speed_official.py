@@ -17,8 +17,9 @@ Configurations (DIR, DIR2, PY, H as in benchmarks/official.py, whose docstring s
 tiny smca row needs the SMCA-DETR copy in DIR2):
   - tiny: the side-by-side training benchmark's (official.py: ResNet-18 to the tiny stage,
     128-d, 1 + 3 layers, batch 8 of ~128 px). minidetr twice: with the fp32 backbone the
-    official code has, and with its default (`--backbone_precision auto`: bf16 on a CPU with
-    bf16 instructions).
+    official code has, and with the tiny preset's default (`--backbone_precision auto`: bf16
+    on a CPU with bf16 instructions); the paper rows too, though the paper preset's own
+    default is fp32.
   - paper: the paper's model, every flag given on both sides (ResNet-50 to layer4 with frozen BatchNorm and stem, 256-d,
     6 + 6 layers, FFN 2048, dropout 0.1, 100 queries for DETR and 300 for the others, lr
     1e-4 / 1e-5) on 2 images of ~512 px (the tiny augmentation at size 512 on both sides,
@@ -150,7 +151,9 @@ def render(saved, note):
              "included, as the harness times the official code), then the evaluation of "
              "`--val_images` val images (images/s of the batch loop, as DETR's evaluate times it), "
              "and the peak RSS of the training process. minidetr fp32 = `--backbone_precision fp32` "
-             "(the official code's precision); minidetr = its default. Ratio = minidetr / official "
+             "(the official code's precision); minidetr = `--backbone_precision auto` (the tiny "
+             "preset's default: the backbone in bf16 on a CPU with bf16 instructions; the paper "
+             "preset's default is fp32). Ratio = minidetr / official "
              "(a step or memory below 1, or images/s above 1: minidetr ahead).", "",
              "| preset | variant | steps x rounds | official step ms | minidetr fp32 step ms (ratio) "
              "| minidetr step ms (ratio) | official eval img/s | minidetr fp32 eval img/s (ratio) "

@@ -21,6 +21,7 @@ Equations:
                   output channels [y-part (F), x-part (F)].
 """
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -293,7 +294,10 @@ class Backbone(nn.Module):
         if bf16:   # oneDNN's bf16 convolutions want NHWC; the result is the same tensor either way
             images = images.contiguous(memory_format=torch.channels_last)
         feats = {}
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        # only ever switch autocast on here: enabled=False would also switch off an outer
+        # --amp autocast for the backbone
+        bf16_autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with bf16_autocast:
             x = body.maxpool(body.relu(body.bn1(body.conv1(images))))   # [B, 64, H/4, W/4]
             last = max(LAYER_NAMES.index(n) for n in self.return_layers)
             for name in LAYER_NAMES[: last + 1]:

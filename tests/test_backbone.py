@@ -240,3 +240,15 @@ def test_bf16_backbone_is_close_to_float64_and_trains_in_float32():
     net(images, mask)[0][0].square().mean().backward()
     grads = [p.grad for p in net.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_fp32_backbone_leaves_an_outer_amp_autocast_on():
+    """--amp bf16 with the fp32 backbone: the backbone must not switch the outer autocast off
+    (its maps come out in bf16, as every other autocast op's); with the bf16 backbone they are
+    cast back to float32 for the transformer."""
+    images, mask = torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
+    for precision, dtype in (("fp32", torch.bfloat16), ("bf16", torch.float32)):
+        net = Backbone("resnet18", False, False, True, False, ("layer2",), precision=precision).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feat, _ = net(images, mask)[0]
+        assert feat.dtype == dtype, precision

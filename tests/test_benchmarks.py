@@ -138,3 +138,14 @@ def test_speed_measure_runs_end_to_end_on_the_cpu():
     assert out["step_ms"] > 0 and out["infer_ms"] > 0 and out["infer_img_s"] > 0
     ratio = out["train_flops_per_img"] / out["fwd_flops_per_img"]
     assert 2.5 < ratio < 3.5, ratio
+
+
+def test_race_budget_stays_at_1250_steps_of_5_epochs():
+    """The race keeps the 1,250-step budget its tables were built on, whatever the tiny
+    preset's own schedule (10 epochs since issue 14): 1,250 / 250 steps per epoch = 5 epochs,
+    lr drop after round(8 * 5 / 10) = 4. --quick keeps its plumbing budget; --steps 0 is the
+    preset's full schedule."""
+    assert convergence.get_args([]).steps == 1250
+    assert convergence.schedule(1250)["flags"] == ["--epochs", "5", "--lr_drop", "4"]
+    assert convergence.get_args(["--quick"]).steps == 12
+    assert convergence.get_args(["--steps", "0"]).steps is None
