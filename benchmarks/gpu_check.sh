@@ -2,7 +2,7 @@
 # GPU readiness in one prepared run of a few minutes: what the CPU-only CI cannot check.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR default: benchmarks/runs_gpu
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_STEPS=4 bash benchmarks/gpu_check.sh /tmp/dry   # dry run here
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_STEPS=4 bash benchmarks/gpu_check.sh out/gpu_dry   # dry run on a CPU
 #
 # On a machine where torch sees CUDA it runs, each step logged to OUT_DIR/gpu_check.log:
 #   1. 200 steps of every variant with --amp bf16 and --amp fp16 on the built-in dataset,

@@ -263,11 +263,11 @@ class Backbone(nn.Module):
             param.requires_grad_(trainable)
 
     def runs_in_bf16(self, device: torch.device) -> bool:
-        """Whether the convolutions run under bf16 autocast (BatchNorm and the output stay float32).
+        """Whether the ResNet runs under bf16 autocast (its maps are cast back to float32).
 
         'auto' (the tiny preset) means bf16 on a CPU with bf16 instructions (AVX-512 BF16 or
         AMX): there a ResNet's forward and backward take about half the float32 time (the
-        step of tiny dn: ~0.65x), while the transformer's small matrix products gain nothing
+        step of tiny dn: ~0.6x), while the transformer's small matrix products gain nothing
         from bf16 and would pay for the casts, so only the backbone switches. On a CPU
         without them bf16 is emulated and slower, and on a GPU `--amp` is the switch: fp32.
         """

@@ -317,8 +317,9 @@ class TrainingProgress:
                 self.ended_early = True
                 return
             yield batch
-            self.step_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            now = time.perf_counter()
+            self.step_times.append(now - start)
+            start = now
             self.step, self.global_step = self.step + 1, self.global_step + 1
             if self.cfg.max_steps and self.global_step >= self.cfg.max_steps:
                 self.ended_early = True
