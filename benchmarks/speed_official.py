@@ -101,11 +101,11 @@ def run(argv, folder, threads):
     start = time.time()
     with open(folder / "stdout.txt", "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage: its peak RSS
+    code = os.waitstatus_to_exitcode(status)
     text = (folder / "stdout.txt").read_text()
-    if proc.returncode:
-        raise RuntimeError(f"{shlex.join(argv)} failed (exit {proc.returncode}):\n{text[-3000:]}")
+    if code:
+        raise RuntimeError(f"{shlex.join(argv)} failed (exit {code}):\n{text[-3000:]}")
     return text, usage.ru_maxrss / 1024, time.time() - start
 
 
