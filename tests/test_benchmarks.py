@@ -149,3 +149,56 @@ def test_race_budget_stays_at_1250_steps_of_5_epochs():
     assert convergence.schedule(1250)["flags"] == ["--epochs", "5", "--lr_drop", "4"]
     assert convergence.get_args(["--quick"]).steps == 12
     assert convergence.get_args(["--steps", "0"]).steps is None
+
+
+# ---- long_race.py: the convergence rule and the race's schedule ----
+
+import long_race  # noqa: E402
+
+
+def test_long_race_convergence_rule_by_hand():
+    """Mean AP 0.1, 0.2, 0.3, 0.305 at steps 1000..4000. At 2000: AP(1500) = 0.15, 0.2 is a
+    33% gain; at 3000: AP(2250) = 0.225, 0.3 is 33%; at 4000: AP(3000) = 0.3 and 0.305 is
+    1.7% < 5%: converged at 4000. Check points are multiples of the chunk, from min_steps."""
+    steps, ap = [1000, 2000, 3000, 4000], [0.1, 0.2, 0.3, 0.305]
+    assert long_race.converged_step(steps, ap, chunk=1000, min_steps=2000) == 4000
+    assert long_race.converged_step(steps[:3], ap[:3], chunk=1000, min_steps=2000) is None
+    # a flat start is not convergence: AP(3N/4) must be above 0
+    assert long_race.converged_step([1000, 2000], [0.0, 0.0], chunk=1000, min_steps=1000) is None
+    # 0.3 -> 0.31 between 3000 and 4000 is 3.3% but 4000 is not a multiple of a 3000-step chunk
+    assert long_race.converged_step([1000, 2000, 3000, 4000, 6000], [0.1, 0.2, 0.3, 0.31, 0.311],
+                                    chunk=3000, min_steps=0) == 6000
+
+
+def test_long_race_mean_curve_uses_steps_every_seed_has():
+    """Seeds evaluated at (250, 500) and (250, 500, 750): the mean stops at 500."""
+    a = [(250, 0.1, 0, 0), (500, 0.3, 0, 0)]
+    b = [(250, 0.2, 0, 0), (500, 0.1, 0, 0), (750, 0.4, 0, 0)]
+    steps, ap = long_race.mean_curve([a, b], upto=10**6)
+    assert steps == [250, 500] and ap == pytest.approx([0.15, 0.2])
+    assert long_race.mean_curve([a, b], upto=250) == ([250], [pytest.approx(0.15)])
+
+
+def test_long_race_target_is_the_next_check_point_past_detr():
+    """DETR seeds at 2000 and 1250: the frontier is 1250, the next multiple of 1000 is 2000;
+    never past the cap; once converged, the converged step."""
+    done = {("detr", 0): 2000, ("detr", 1): 1250, ("smca", 0): 3000}
+    assert long_race.next_target(done, [0, 1], chunk=1000, cap=10000, converged_at=None) == 2000
+    assert long_race.next_target(done, [0, 1], chunk=1000, cap=1500, converged_at=None) == 1500
+    assert long_race.next_target(done, [0, 1], chunk=1000, cap=10000, converged_at=3000) == 3000
+    assert long_race.next_target({}, [0, 1], chunk=500, cap=10000, converged_at=None) == 500
+
+
+def test_long_race_settings_ignore_the_budget_and_folder(tmp_path):
+    """A run extended to a later target, or moved to another folder, is the same run; a
+    different seed or query count is not."""
+    folder = tmp_path / "detr_seed0"
+    folder.mkdir()
+    argv = long_race.train_argv("detr", 0, folder, 1000)
+    (folder / "benchmark.json").write_text(json.dumps(convergence.settings(argv)))
+    assert long_race.other_settings(folder, long_race.train_argv("detr", 0, tmp_path / "x", 5000)) == []
+    diff = long_race.other_settings(folder, long_race.train_argv("detr", 1, folder, 1000))
+    assert diff == ["train.py arguments", "seed"]
+    assert "--num_queries" in argv and argv[argv.index("--num_queries") + 1] == "10"
+    cond = long_race.train_argv("conditional", 0, folder, 1000)
+    assert cond[cond.index("--num_queries") + 1] == "30"

@@ -1,0 +1,373 @@
+"""The convergence race run to convergence: each paper's speed-up measured where it is defined.
+
+The papers' claims are about reaching a *converged* model sooner (DETR's 500-epoch AP in 50
+epochs for Conditional DETR; ~108 for single-scale SMCA; half its baseline's epochs for
+DN-DETR). The quick race (convergence.py, 1,250 steps) stops while every curve still climbs
+steeply. This one trains vanilla DETR until it has converged and every other variant for
+the same number of steps:
+
+    python benchmarks/long_race.py --jobs 2        # the race (hours on 2 CPU cores; resumable)
+    python benchmarks/long_race.py --report_only   # rewrite RESULTS.md from the runs so far
+
+One configuration for every variant, so that the race isolates each paper's idea
+(COMMON_FLAGS): the tiny preset, ResNet-18 cut at layer2 for all (stride 8, a 16 x 16 map
+at 128 px), queries in the papers' 100 : 300 ratio scaled to 1-3 objects per image
+(DETR 10, the others 30), and a constant learning rate (see below). Each variant's own
+recipe (loss, matching costs, PE temperature, activation) stays, as the papers compare them.
+
+Converged, for vanilla DETR: its validation AP, mean over the seeds, gains less than
+CONVERGED_GAIN (5%) relative over the last quarter of its steps, i.e. the first check
+point N (a multiple of --chunk steps, at least --min_steps) with
+    AP(N) < (1 + 0.05) * AP(3N / 4),  AP(3N / 4) > 0.
+A learning-rate drop would add a jump to the last quarter of any schedule, so the race
+keeps the learning rate constant (lr_drop past the end); then the first N steps of a long
+run *are* an N-step run, and every variant can be cut at DETR's N afterwards.
+
+How it runs: every run advances in chunks of --chunk steps (train.py --max_steps, resumed
+from the run's checkpoint). All runs move towards the same target, the first check point
+past the point all DETR seeds have reached; DETR's seeds go first. Until DETR converges,
+no step is wasted: DETR has not converged before that target. Once it has converged at N,
+every other run is trained to N; if it has not by --cap steps, to the cap (say so).
+--jobs runs at a time, each with cores / jobs threads. Ctrl-C stops every run with a
+checkpoint; the same command continues. RESULTS.md ("Convergence, to convergence") and
+long_race.png are rewritten after every chunk, so partial results are always there.
+Finished runs' logs are copied to benchmarks/long_race_logs/ (committed with the results).
+"""
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from convergence import (fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
+                         steps_to_reach, update_section, value_at)
+
+# name -> the variant's flags; queries are set by QUERIES
+RUNS = {
+    "detr": ["--variant", "detr"],
+    "conditional": ["--variant", "conditional"],
+    "smca": ["--variant", "smca"],
+    "dn": ["--variant", "dn"],
+    "dab": ["--variant", "dab"],                       # DN-DETR without denoising
+    "conditional_dn": ["--variant", "conditional", "--dn"],
+    # SMCA's multi-scale encoder reads C4, C5 and C5 downsampled (strides 16, 32, 64 of the
+    # same ResNet-18): the paper's levels, not the stride-8 map of the others. Last: costliest.
+    "smca_ms": ["--variant", "smca", "--smca_multiscale"],
+}
+BASELINE = "detr"
+# DETR 100 : the others 300 in the papers, for ~7 COCO objects per image; 10 : 30 here
+QUERIES = {name: 10 if name == BASELINE else 30 for name in RUNS}
+EPOCHS = 400          # a ceiling only: runs stop at --max_steps; lr_drop = EPOCHS never drops
+COMMON_FLAGS = ["--backbone_stage", "layer2", "--epochs", str(EPOCHS), "--lr_drop", str(EPOCHS),
+                "--eval_every", "1"]
+STEPS_PER_EPOCH = 250  # the tiny preset: 2,000 images / batch 8
+CONVERGED_GAIN = 0.05
+# the papers' factors: steps to reach the baseline's converged AP, as a fraction of its steps
+PAPER = {
+    "detr": "1 (500 epochs)",
+    "conditional": "0.15 (R50: 6.7x faster)",
+    "smca": "~0.22 (single-scale, 108 of 500 epochs)",
+    "smca_ms": "<= 0.10 (multi-scale: 43.7 AP at 50 epochs, DETR 42.0 at 500)",
+    "dn": "0.5 of DAB-DETR's (its baseline), not DETR's",
+    "dab": "no DAB-vs-DETR figure here",
+    "conditional_dn": "0.5 of Conditional DETR's (DN-DETR's claim for the model it is added to)",
+}
+ARCHIVE = ROOT / "benchmarks" / "long_race_logs"
+
+
+# ---- the convergence rule and the schedule (pure functions; tests/test_benchmarks.py) ----
+
+def mean_curve(curves, upto):
+    """Mean AP over seeds at every step <= upto that every seed has evaluated: (steps, APs)."""
+    common = sorted(set.intersection(*[{r[0] for r in c if r[0] <= upto} for c in curves]))
+    return common, [sum(value_at([r[0] for r in c], [r[1] for r in c], s) for c in curves) / len(curves)
+                    for s in common]
+
+
+def converged_step(steps, aps, chunk, min_steps, gain=CONVERGED_GAIN):
+    """The first check point N (multiple of chunk, >= min_steps, evaluated) where the curve
+    gains less than `gain` relative over its last quarter, AP(N) < (1 + gain) AP(3N/4); None if none."""
+    for n in steps:
+        if n % chunk or n < min_steps:
+            continue
+        before, now = value_at(steps, aps, 0.75 * n), value_at(steps, aps, n)
+        if before > 0 and now < (1 + gain) * before:
+            return n
+    return None
+
+
+def next_target(done, detr_seeds, chunk, cap, converged_at):
+    """The step every run trains towards now.
+
+    done: {(name, seed): last evaluated step}. Converged: that step. Otherwise the first
+    check point past the step all DETR seeds have reached (DETR has not converged before
+    it, so no run trained up to it wastes a step), at most the cap.
+    """
+    if converged_at is not None:
+        return converged_at
+    frontier = min(done.get((BASELINE, s), 0) for s in detr_seeds)
+    return min(cap, (frontier // chunk + 1) * chunk)
+
+
+# ---- runs ----
+
+def train_argv(name, seed, run_dir, target):
+    return ["--preset", "tiny", *RUNS[name], "--num_queries", str(QUERIES[name]),
+            "--num_select", str(QUERIES[name]), *COMMON_FLAGS, "--output_dir", str(run_dir),
+            "--seed", str(seed), "--max_steps", str(target)]
+
+
+def _strip(argv):
+    """train.py arguments without those that do not change what is learned."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--max_steps", "--output_dir"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def other_settings(run_dir, argv):
+    """Config fields / arguments where run_dir's benchmark.json differs from argv ([] = same)."""
+    meta = Path(run_dir) / "benchmark.json"
+    if not meta.exists():
+        return []
+    saved, now = json.loads(meta.read_text()), settings(argv)
+    diff = ["train.py arguments"] if _strip(saved.get("train_argv", [])) != _strip(argv) else []
+    old, new = saved.get("config", {}), now["config"]
+    return diff + sorted(k for k in set(old) | set(new)
+                         if k not in ("max_steps", "output_dir") and old.get(k) != new.get(k))
+
+
+def curve_of(out, name, seed):
+    """A run's curve: from its folder, or from the archived log of a finished run."""
+    folder = out / f"{name}_seed{seed}"
+    here, archived = read_curve(folder / "log.txt"), read_curve(ARCHIVE / f"{name}_seed{seed}.txt")
+    return here if len(here) >= len(archived) else archived
+
+
+# ---- the report ----
+
+def report(out, names, seeds, chunk, cap, min_steps, results, official=None):
+    curves = {n: {s: curve_of(out, n, s) for s in seeds} for n in names}
+    curves = {n: {s: c for s, c in runs.items() if c} for n, runs in curves.items()}
+    base = list(curves.get(BASELINE, {}).values())
+    frontier = min((c[-1][0] for c in base), default=0) if len(base) == len(seeds) else 0
+    steps, aps = mean_curve(base, frontier) if frontier else ([], [])
+    n_star = converged_step(steps, aps, chunk, min_steps)
+    lines = ["## Convergence, to convergence", ""]
+    cfg = (f"One configuration for every variant: tiny preset, ResNet-18 to layer2 (stride 8) for all, "
+           f"{QUERIES[BASELINE]} queries for DETR and {QUERIES['conditional']} for the others (the papers' "
+           f"100 : 300), constant learning rate, evaluation every {STEPS_PER_EPOCH} steps; seeds "
+           f"{' '.join(map(str, seeds))}. Values: mean over seeds (min-max).")
+    lines += [cfg, ""]
+    if n_star:
+        target = aps[steps.index(n_star)]
+        lines.append(f"**DETR converged at step {n_star}** (mean AP gained < {CONVERGED_GAIN:.0%} over "
+                     f"steps {int(0.75 * n_star)}-{n_star}): AP {target:.3f}.")
+        horizon = n_star
+    else:
+        target = aps[-1] if aps else None
+        lines.append(f"**Partial: DETR has not converged** by step {frontier} (cap {cap}); the table reads "
+                     f"each variant against DETR's AP at that step ({target:.3f})." if target is not None
+                     else "**Partial: no DETR curve yet.**")
+        horizon = frontier
+    lines += ["", f"| variant | runs (steps done) | steps to DETR's AP at {horizon} | fraction of {horizon} | "
+              f"AP at {horizon} | AP50 at {horizon} | the paper's fraction |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        runs = curves.get(name, {})
+        if not runs:
+            lines.append(f"| {name} | not started | | | | | {PAPER[name]} |")
+            continue
+        done = ", ".join(str(c[-1][0]) for c in runs.values())
+        reach = ap = ap50 = "-"
+        if target and len(runs) == len(seeds) and min(c[-1][0] for c in runs.values()) >= min(horizon, 1):
+            upto = min(horizon, min(c[-1][0] for c in runs.values()))
+            ms, ma = mean_curve(list(runs.values()), upto)
+            hit = steps_to_reach(ms, ma, target)
+            reach = "not reached" if hit is None else f"{hit:.0f}"
+            frac = "-" if hit is None else f"{hit / horizon:.2f}"
+            if upto >= horizon:
+                ap = fmt_spread([value_at([r[0] for r in c], [r[1] for r in c], horizon) for c in runs.values()])
+                ap50 = fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], horizon)
+                                   for c in runs.values()])
+        else:
+            frac = "-"
+        lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} | {ap50} | {PAPER[name]} |")
+    png = plot(curves, results.parent / "long_race.png", official)
+    if png:
+        lines += ["", f"![AP against step, log x]({png.name})"]
+    metas = [json.loads(p.read_text()) for p in out.glob("*_seed*/benchmark.json")]
+    core_h = sum(m.get("wall_s", 0) for m in metas) / 3600
+    race = json.loads((out / "race.json").read_text()) if (out / "race.json").exists() else {}
+    machines = sorted({m["machine"] for m in metas if "machine" in m}) or [machine_description()]
+    lines += ["", "Reproduce: `python benchmarks/long_race.py --jobs 2` (resumable; `--report_only` "
+              "rewrites this section).", "",
+              f"Machine: {'; '.join(machines)}. Race wall time so far: {race.get('wall_s', 0) / 3600:.1f} h "
+              f"({core_h:.1f} run-hours). Updated {datetime.datetime.now():%Y-%m-%d %H:%M}."]
+    update_section(results, "long-race", "\n".join(lines))
+    return n_star
+
+
+def plot(curves, out_png, official=None):
+    """AP against step on a log x axis: mean per variant with min-max bands; official dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, runs in curves.items():
+        if not runs:
+            continue
+        upto = min(c[-1][0] for c in runs.values())
+        steps, mean = mean_curve(list(runs.values()), upto)
+        per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
+        line, = ax.plot(steps, mean, label=f"{name} ({len(runs)} seeds)")
+        ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
+                        color=line.get_color(), alpha=0.2)
+        for name_o, curve in (official or {}).items():
+            if name_o == name and curve:
+                ax.plot([r[0] for r in curve], [r[1] for r in curve], ls="--", color=line.get_color(),
+                        label=f"{name}, official code (1 seed)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step (log)")
+    ax.set_ylabel("COCO AP (val)")
+    ax.set_title("minidetr, one configuration for all, shapes dataset")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+# ---- main ----
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--chunk", type=int, default=1000, help="steps per advance; convergence is checked "
+                   "at its multiples (a multiple of the 250 steps per epoch)")
+    p.add_argument("--min_steps", type=int, default=2000, help="no convergence before this step")
+    p.add_argument("--cap", type=int, default=20000, help="DETR's step cap")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one per core)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "runs_long"), help="runs folder")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--report_only", action="store_true")
+    args = p.parse_args(argv)
+    if args.chunk % STEPS_PER_EPOCH:
+        p.error(f"--chunk must be a multiple of {STEPS_PER_EPOCH} (one epoch)")
+    if BASELINE not in args.variants:
+        p.error("the race needs detr, its baseline")
+    args.out, args.results = Path(args.out).resolve(), Path(args.results)
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    names, seeds = args.variants, args.seeds
+    runs = [(BASELINE, s) for s in seeds] + [(n, s) for n in names if n != BASELINE for s in seeds]
+
+    def write_report():
+        return report(args.out, names, seeds, args.chunk, args.cap, args.min_steps, args.results)
+
+    if args.report_only:
+        write_report()
+        print(f"wrote the long-race section of {args.results}")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, seed in runs:   # refuse a folder made with other settings before any work
+        folder = args.out / f"{name}_seed{seed}"
+        diff = other_settings(folder, train_argv(name, seed, folder, 0))
+        if diff:
+            sys.exit(f"error: {folder} holds a run made with other settings ({', '.join(diff)}); "
+                     f"delete it or choose another --out")
+    if "OMP_NUM_THREADS" not in os.environ:   # the children's threads: the cores shared out
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
+    race_json = args.out / "race.json"
+    race = json.loads(race_json.read_text()) if race_json.exists() else {"wall_s": 0.0}
+    lock, started = threading.Lock(), time.time()
+
+    def say(text):
+        with lock:
+            print(text, flush=True)
+
+    def done_steps():
+        return {(n, s): (curve_of(args.out, n, s) or [(0,)])[-1][0] for n, s in runs}
+
+    def train(name, seed, target):
+        folder = args.out / f"{name}_seed{seed}"
+        argv_run = train_argv(name, seed, folder, target)
+        budget = {"steps": target, "steps_per_epoch": STEPS_PER_EPOCH}
+        rc = run_one(argv_run, folder, budget, lambda line: None)
+        return rc
+
+    running = {}
+    pool = cf.ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        while True:
+            done = done_steps()
+            n_star = write_report()
+            target = next_target(done, seeds, args.chunk, args.cap, n_star)
+            # DETR's seeds first, then the others in order; one chunk at a time
+            todo = [(n, s) for n, s in runs if (n, s) not in running and done[(n, s)] < target]
+            if not todo and not running and (n_star is not None or target >= args.cap):
+                break
+            if not todo and len(running) < args.jobs and n_star is None and target < args.cap:
+                # an idle core: DETR runs one chunk ahead (wasted only if DETR converges at `target`)
+                todo = [(BASELINE, s) for s in seeds
+                        if (BASELINE, s) not in running and done[(BASELINE, s)] < target + args.chunk]
+                target_now = min(args.cap, target + args.chunk)
+            else:
+                target_now = target
+            while todo and len(running) < args.jobs:
+                name, seed = todo.pop(0)
+                goal = min(target_now, (done[(name, seed)] // args.chunk + 1) * args.chunk)
+                say(f"{datetime.datetime.now():%H:%M:%S} {name}_seed{seed}: {done[(name, seed)]} -> {goal} steps")
+                running[(name, seed)] = pool.submit(train, name, seed, goal)
+            if not running:
+                break
+            finished, _ = cf.wait(running.values(), return_when=cf.FIRST_COMPLETED)
+            for key in [k for k, f in running.items() if f in finished]:
+                rc = running.pop(key).result()
+                if rc != 0:
+                    raise SystemExit(f"{key[0]}_seed{key[1]} failed (exit status {rc}); see "
+                                     f"{args.out / f'{key[0]}_seed{key[1]}' / 'train_stdout.txt'}. "
+                                     "Rerun the same command to resume.")
+            race["wall_s"] += time.time() - started
+            started = time.time()
+            race_json.write_text(json.dumps(race))
+    except KeyboardInterrupt:
+        say("interrupted: the runs save their checkpoints; rerun the same command to continue")
+        pool.shutdown(wait=True)
+        raise SystemExit(1)
+    finally:
+        race["wall_s"] += time.time() - started
+        race_json.write_text(json.dumps(race))
+    pool.shutdown()
+    n_star = write_report()
+    ARCHIVE.mkdir(exist_ok=True)
+    for name, seed in runs:
+        log = args.out / f"{name}_seed{seed}" / "log.txt"
+        if log.exists():
+            shutil.copyfile(log, ARCHIVE / f"{name}_seed{seed}.txt")
+    print(f"done: DETR {'converged at step ' + str(n_star) if n_star else 'did not converge by the cap'}; "
+          f"see {args.results}")
+
+
+if __name__ == "__main__":
+    main()
