@@ -24,9 +24,10 @@ keeps the learning rate constant (lr_drop past the end); then the first N steps 
 run *are* an N-step run, and every variant can be cut at DETR's N afterwards.
 
 How it runs: every run advances in chunks of --chunk steps (train.py --max_steps, resumed
-from the run's checkpoint). All runs move towards the same target, the first check point
-past the point all DETR seeds have reached; DETR's seeds go first. Until DETR converges,
-no step is wasted: DETR has not converged before that target. Once it has converged at N,
+from the run's checkpoint). The other variants move towards the first check point past the
+step all DETR seeds have reached: DETR has not converged before it, so none of their steps
+is wasted. DETR's seeds go first and may run --lead chunks ahead, so that its converged
+step is known early (its steps past that point are the race's only waste). Once it has converged at N,
 every other run is trained to N; if it has not by --cap steps, to the cap (say so).
 --jobs runs at a time, each with cores / jobs threads. Ctrl-C stops every run with a
 checkpoint; the same command continues. RESULTS.md ("Convergence, to convergence") and
@@ -38,7 +39,9 @@ import concurrent.futures as cf
 import datetime
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -82,6 +85,11 @@ PAPER = {
     "conditional_dn": "0.5 of Conditional DETR's (DN-DETR's claim for the model it is added to)",
 }
 ARCHIVE = ROOT / "benchmarks" / "long_race_logs"
+# The official code's runs (--official): one seed each, through the reference-training
+# harness (benchmarks/official.py says what it is), at the race's configuration: the tiny
+# preset's sizes (official.COMMON) with the race's stage, queries and constant lr.
+OFFICIAL = {"detr": ("detr", []), "conditional": ("cond", ["--num_select", str(QUERIES["conditional"])]),
+            "dn": ("dn", ["--num_select", str(QUERIES["dn"]), "--modelname", "dn_dab_detr", "--use_dn"])}
 
 
 # ---- the convergence rule and the schedule (pure functions; tests/test_benchmarks.py) ----
@@ -151,16 +159,57 @@ def other_settings(run_dir, argv):
                          if k not in ("max_steps", "output_dir") and old.get(k) != new.get(k))
 
 
+def official_argv(name, seed, folder, steps, args):
+    """The harness's command for `steps` more steps of an official run (resumed if it has a checkpoint)."""
+    from official import COMMON, coco_layout
+    harness_name, extra = OFFICIAL[name]
+    common, i = list(COMMON), COMMON.index("--epochs")
+    common[i + 1], common[common.index("--lr_drop") + 1] = str(EPOCHS), str(EPOCHS)
+    argv = [args.ref_python, args.harness, "--refs", args.refs, harness_name, "--coco_path",
+            str(coco_layout(args.out)), "--output_dir", str(folder), *common, "--stage", "layer2",
+            "--num_queries", str(QUERIES[name]), *extra, "--seed", str(seed), "--max_steps", str(steps)]
+    if (Path(folder) / "checkpoint.pth").exists():   # the official main.py's own resume
+        argv += ["--resume", str(Path(folder) / "checkpoint.pth")]
+    return argv
+
+
+def official_curve(path):
+    """An official log.txt (one JSON line per epoch) as [(step, AP, AP50, AP75)]."""
+    rows = {}
+    if Path(path).exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                ap = row["test_coco_eval_bbox"]
+                rows[(int(row["epoch"]) + 1) * STEPS_PER_EPOCH] = (ap[0], ap[1], ap[2])
+    return [(step, *rows[step]) for step in sorted(rows)]
+
+
 def curve_of(out, name, seed):
     """A run's curve: from its folder, or from the archived log of a finished run."""
+    if name.startswith("official_"):
+        here = official_curve(out / f"{name}_seed{seed}" / "log.txt")
+        archived = official_curve(ARCHIVE / f"{name}_seed{seed}.txt")
+        return here if len(here) >= len(archived) else archived
     folder = out / f"{name}_seed{seed}"
     here, archived = read_curve(folder / "log.txt"), read_curve(ARCHIVE / f"{name}_seed{seed}.txt")
     return here if len(here) >= len(archived) else archived
 
 
+def archive(out, name, seed):
+    """Copy a run's log.txt (official ones too) to ARCHIVE, committed with the results, so
+    the race's curves survive the run folders (checkpoints are not committed)."""
+    log, kept = out / f"{name}_seed{seed}" / "log.txt", ARCHIVE / f"{name}_seed{seed}.txt"
+    lines = lambda path: len(path.read_text().splitlines()) if path.exists() else 0   # noqa: E731
+    if log.exists() and lines(log) >= lines(kept):     # a run started again never shortens it
+        ARCHIVE.mkdir(exist_ok=True)
+        shutil.copyfile(log, ARCHIVE / f"{name}_seed{seed}.txt")
+
+
 # ---- the report ----
 
-def report(out, names, seeds, chunk, cap, min_steps, results, official=None):
+def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
+    official = {n: curve_of(out, f"official_{n}", 0) for n in official}
     curves = {n: {s: curve_of(out, n, s) for s in seeds} for n in names}
     curves = {n: {s: c for s, c in runs.items() if c} for n, runs in curves.items()}
     base = list(curves.get(BASELINE, {}).values())
@@ -206,6 +255,15 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=None):
         else:
             frac = "-"
         lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} | {ap50} | {PAPER[name]} |")
+    for name, curve in official.items():
+        if not curve:
+            continue
+        at = min(horizon, curve[-1][0])
+        ours = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in curves.get(name, {}).values()
+                if c[-1][0] >= at]
+        lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | | | "
+                     f"{value_at([r[0] for r in curve], [r[1] for r in curve], at):.3f} at {at} "
+                     f"(minidetr {fmt_spread(ours) if ours else '-'}) | | |")
     png = plot(curves, results.parent / "long_race.png", official)
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]
@@ -215,7 +273,9 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=None):
     machines = sorted({m["machine"] for m in metas if "machine" in m}) or [machine_description()]
     lines += ["", "Reproduce: `python benchmarks/long_race.py --jobs 2` (resumable; `--report_only` "
               "rewrites this section).", "",
-              f"Machine: {'; '.join(machines)}. Race wall time so far: {race.get('wall_s', 0) / 3600:.1f} h "
+              f"Machine: {'; '.join(machines)}. {race.get('jobs', '?')} runs at a time, "
+              f"{race.get('threads_per_run', '?')} thread(s) each (the parent's torch thread count above "
+              f"is not theirs). Race wall time so far: {race.get('wall_s', 0) / 3600:.1f} h "
               f"({core_h:.1f} run-hours). Updated {datetime.datetime.now():%Y-%m-%d %H:%M}."]
     update_section(results, "long-race", "\n".join(lines))
     return n_star
@@ -265,10 +325,20 @@ def get_args(argv=None):
     p.add_argument("--min_steps", type=int, default=2000, help="no convergence before this step")
     p.add_argument("--cap", type=int, default=20000, help="DETR's step cap")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one per core)")
+    p.add_argument("--lead", type=int, default=8, help="chunks DETR may run ahead of the others "
+                   "(its steps past its converged step are the only ones the race can waste)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "runs_long"), help="runs folder")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--official", nargs="*", default=[], choices=list(OFFICIAL),
+                   help="also train the official code of these variants (seed 0, after every minidetr run "
+                        "of a chunk); needs --refs, --ref_python and --harness as benchmarks/official.py")
+    p.add_argument("--refs", help="folder with the official repositories (see official.py)")
+    p.add_argument("--ref_python", help="the Python of the official code's environment")
+    p.add_argument("--harness", help="the reference-training harness's ref_train.py")
     args = p.parse_args(argv)
+    if args.official and not (args.refs and args.ref_python and args.harness) and not args.report_only:
+        p.error("--official needs --refs, --ref_python and --harness")
     if args.chunk % STEPS_PER_EPOCH:
         p.error(f"--chunk must be a multiple of {STEPS_PER_EPOCH} (one epoch)")
     if BASELINE not in args.variants:
@@ -281,16 +351,18 @@ def main(argv=None):
     args = get_args(argv)
     names, seeds = args.variants, args.seeds
     runs = [(BASELINE, s) for s in seeds] + [(n, s) for n in names if n != BASELINE for s in seeds]
+    runs += [(f"official_{n}", 0) for n in args.official]   # last: the others' chunk goes first
 
     def write_report():
-        return report(args.out, names, seeds, args.chunk, args.cap, args.min_steps, args.results)
+        return report(args.out, names, seeds, args.chunk, args.cap, args.min_steps, args.results,
+                      args.official)
 
     if args.report_only:
         write_report()
         print(f"wrote the long-race section of {args.results}")
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, seed in runs:   # refuse a folder made with other settings before any work
+    for name, seed in [r for r in runs if not r[0].startswith("official_")]:   # before any work:
         folder = args.out / f"{name}_seed{seed}"
         diff = other_settings(folder, train_argv(name, seed, folder, 0))
         if diff:
@@ -300,6 +372,7 @@ def main(argv=None):
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
     race_json = args.out / "race.json"
     race = json.loads(race_json.read_text()) if race_json.exists() else {"wall_s": 0.0}
+    race.update(jobs=args.jobs, threads_per_run=int(os.environ["OMP_NUM_THREADS"]))
     lock, started = threading.Lock(), time.time()
 
     def say(text):
@@ -311,9 +384,30 @@ def main(argv=None):
 
     def train(name, seed, target):
         folder = args.out / f"{name}_seed{seed}"
+        if name.startswith("official_"):
+            return train_official(name[len("official_"):], seed, folder, target)
         argv_run = train_argv(name, seed, folder, target)
         budget = {"steps": target, "steps_per_epoch": STEPS_PER_EPOCH}
         rc = run_one(argv_run, folder, budget, lambda line: None)
+        return rc
+
+    def train_official(name, seed, folder, target):
+        folder.mkdir(parents=True, exist_ok=True)
+        # without a checkpoint (a new machine, an archived log only) it starts again from 0
+        done = (official_curve(folder / "log.txt") or [(0,)])[-1][0] if (folder / "checkpoint.pth").exists() else 0
+        argv_run = official_argv(name, seed, folder, target - done, args)
+        (folder / "command.txt").write_text(shlex.join(argv_run) + "\n")
+        meta_path, start = folder / "benchmark.json", time.time()
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"wall_s": 0.0}
+        # the official main.py resumes with torch.load's old default (its checkpoint holds an
+        # argparse.Namespace), which torch >= 2.6 refuses unless told to
+        env = dict(os.environ, NTHREADS=os.environ["OMP_NUM_THREADS"], MKL_NUM_THREADS=os.environ["OMP_NUM_THREADS"],
+                   TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+        with open(folder / "stdout.txt", "a") as log:
+            rc = subprocess.call(argv_run, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        meta["wall_s"] += time.time() - start
+        meta["machine"] = machine_description()
+        meta_path.write_text(json.dumps(meta, indent=1))
         return rc
 
     running = {}
@@ -323,20 +417,19 @@ def main(argv=None):
             done = done_steps()
             n_star = write_report()
             target = next_target(done, seeds, args.chunk, args.cap, n_star)
-            # DETR's seeds first, then the others in order; one chunk at a time
-            todo = [(n, s) for n, s in runs if (n, s) not in running and done[(n, s)] < target]
-            if not todo and not running and (n_star is not None or target >= args.cap):
+            # DETR's seeds first (least advanced first), up to --lead chunks past the others'
+            # target, so that its converged step is known early; then the others in order
+            detr_goal = target if n_star is not None else min(args.cap, target + args.lead * args.chunk)
+            todo = sorted([(BASELINE, s) for s in seeds if (BASELINE, s) not in running
+                           and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
+            todo += [(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
+                     and done[(n, s)] < target]   # the official runs last (runs' order)
+            if not todo and not running:
                 break
-            if not todo and len(running) < args.jobs and n_star is None and target < args.cap:
-                # an idle core: DETR runs one chunk ahead (wasted only if DETR converges at `target`)
-                todo = [(BASELINE, s) for s in seeds
-                        if (BASELINE, s) not in running and done[(BASELINE, s)] < target + args.chunk]
-                target_now = min(args.cap, target + args.chunk)
-            else:
-                target_now = target
             while todo and len(running) < args.jobs:
                 name, seed = todo.pop(0)
-                goal = min(target_now, (done[(name, seed)] // args.chunk + 1) * args.chunk)
+                goal = min(detr_goal if name == BASELINE else target,
+                           (done[(name, seed)] // args.chunk + 1) * args.chunk)
                 say(f"{datetime.datetime.now():%H:%M:%S} {name}_seed{seed}: {done[(name, seed)]} -> {goal} steps")
                 running[(name, seed)] = pool.submit(train, name, seed, goal)
             if not running:
@@ -344,9 +437,10 @@ def main(argv=None):
             finished, _ = cf.wait(running.values(), return_when=cf.FIRST_COMPLETED)
             for key in [k for k, f in running.items() if f in finished]:
                 rc = running.pop(key).result()
+                archive(args.out, *key)
                 if rc != 0:
                     raise SystemExit(f"{key[0]}_seed{key[1]} failed (exit status {rc}); see "
-                                     f"{args.out / f'{key[0]}_seed{key[1]}' / 'train_stdout.txt'}. "
+                                     f"the output in {args.out / f'{key[0]}_seed{key[1]}'}. "
                                      "Rerun the same command to resume.")
             race["wall_s"] += time.time() - started
             started = time.time()
@@ -360,11 +454,6 @@ def main(argv=None):
         race_json.write_text(json.dumps(race))
     pool.shutdown()
     n_star = write_report()
-    ARCHIVE.mkdir(exist_ok=True)
-    for name, seed in runs:
-        log = args.out / f"{name}_seed{seed}" / "log.txt"
-        if log.exists():
-            shutil.copyfile(log, ARCHIVE / f"{name}_seed{seed}.txt")
     print(f"done: DETR {'converged at step ' + str(n_star) if n_star else 'did not converge by the cap'}; "
           f"see {args.results}")
 

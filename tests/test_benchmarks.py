@@ -202,3 +202,21 @@ def test_long_race_settings_ignore_the_budget_and_folder(tmp_path):
     assert "--num_queries" in argv and argv[argv.index("--num_queries") + 1] == "10"
     cond = long_race.train_argv("conditional", 0, folder, 1000)
     assert cond[cond.index("--num_queries") + 1] == "30"
+
+
+def test_long_race_official_log_steps_and_archive(tmp_path, monkeypatch):
+    """The official log has one line per epoch: epoch e ends at step (e + 1) * 250. A run's
+    archived log is replaced by a longer log, never by a shorter one (a run started again)."""
+    official_log = tmp_path / "log.txt"
+    official_log.write_text("\n".join(json.dumps({"epoch": e, "test_coco_eval_bbox": [0.1 * e, 0.2, 0.3] + [0] * 9})
+                                      for e in (0, 1, 3)) + "\n")
+    assert long_race.official_curve(official_log) == [(250, 0.0, 0.2, 0.3), (500, 0.1, 0.2, 0.3),
+                                                      (1000, pytest.approx(0.3), 0.2, 0.3)]
+    monkeypatch.setattr(long_race, "ARCHIVE", tmp_path / "archive")
+    run = tmp_path / "runs" / "detr_seed0"
+    run.mkdir(parents=True)
+    (run / "log.txt").write_text("a\nb\n")
+    long_race.archive(tmp_path / "runs", "detr", 0)
+    (run / "log.txt").write_text("a\n")
+    long_race.archive(tmp_path / "runs", "detr", 0)
+    assert (tmp_path / "archive" / "detr_seed0.txt").read_text() == "a\nb\n"
