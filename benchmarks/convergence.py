@@ -310,6 +310,10 @@ def render(found, metas, args, budget, command):
     """The Markdown of the Convergence section."""
     n, seeds = budget["steps"], args.seeds
     lines = ["## Convergence", "",
+             "The quick race: each variant at its own tiny preset (vanilla DETR on the stride-16 map "
+             "with 10 queries, the others on stride 8 with 40), so the stage and the query count change "
+             "with the idea; the long race below (\"Convergence, to convergence\", benchmarks/long_race.py) "
+             "gives every variant one configuration and trains DETR until it has converged.", "",
              f"Tiny preset on the built-in shapes dataset, {n} optimiser steps per run "
              f"({budget['epochs']} epochs of {budget['steps_per_epoch']} steps, lr drop after epoch "
              f"{budget['lr_drop']}), COCO evaluation of the validation split after every epoch, seeds "
