@@ -55,7 +55,7 @@ KINDS = {   # kind: (severity, what it breaks, or what training does with it)
     "clipped": (WARNING, "clipped to the image"),
     "iscrowd": (WARNING, "dropped: DETR does not train on crowd regions"),
     "missing area or iscrowd": (WARNING, "filled in: iscrowd 0, area of the clipped box"),
-    "unused category": (WARNING, "no box training uses has it in this split"),
+    "unused category": (WARNING, "no box that training uses has it in this split"),
     "train/val overlap": (WARNING, "val AP would be optimistic"),
 }
 
