@@ -264,7 +264,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
         lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | | | "
                      f"{value_at([r[0] for r in curve], [r[1] for r in curve], at):.3f} at {at} "
                      f"(minidetr {fmt_spread(ours) if ours else '-'}) | | |")
-    png = plot(curves, results.parent / "long_race.png", official)
+    png = plot(curves, results.parent / "long_race.png", official) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]
     metas = [json.loads(p.read_text()) for p in out.glob("*_seed*/benchmark.json")]
