@@ -220,3 +220,28 @@ def test_long_race_official_log_steps_and_archive(tmp_path, monkeypatch):
     (run / "log.txt").write_text("a\n")
     long_race.archive(tmp_path / "runs", "detr", 0)
     assert (tmp_path / "archive" / "detr_seed0.txt").read_text() == "a\nb\n"
+
+
+def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
+    """Hand-built logs, 2 seeds. DETR (both seeds alike): AP 0.1, 0.2, 0.3, 0.305 at steps
+    1000..4000: converged at 4000 (AP 0.305). smca: AP 0.2 at 1000, 0.4 at 2000 (both seeds),
+    so it reaches 0.305 at 1000 + 1000 * (0.305 - 0.2) / 0.2 = 1525: fraction 1525 / 4000 = 0.38;
+    its AP at DETR's 4000 steps is its last value, 0.5."""
+    monkeypatch.setattr(long_race, "ARCHIVE", tmp_path / "archive")
+
+    def write(name, seed, aps):
+        folder = tmp_path / "runs" / f"{name}_seed{seed}"
+        folder.mkdir(parents=True)
+        rows = [{"step": 1000 * (i + 1), "test_coco_eval_bbox": [ap, 2 * ap, ap] + [0] * 9} for i, ap in enumerate(aps)]
+        (folder / "log.txt").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    for seed in (0, 1):
+        write("detr", seed, [0.1, 0.2, 0.3, 0.305])
+        write("smca", seed, [0.2, 0.4, 0.45, 0.5])
+    results = tmp_path / "RESULTS.md"
+    n_star = long_race.report(tmp_path / "runs", ["detr", "smca"], [0, 1], chunk=1000, cap=8000,
+                              min_steps=2000, results=results)
+    text = results.read_text()
+    assert n_star == 4000 and "**DETR converged at step 4000**" in text and "AP 0.305" in text
+    smca = next(line for line in text.splitlines() if line.startswith("| smca |"))
+    assert "| 1525 | 0.38 | 0.500 (0.500-0.500) | 1.000 (1.000-1.000) |" in smca
