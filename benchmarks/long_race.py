@@ -26,8 +26,9 @@ run *are* an N-step run, and every variant can be cut at DETR's N afterwards.
 How it runs: every run advances in chunks of --chunk steps (train.py --max_steps, resumed
 from the run's checkpoint). The other variants move towards the first check point past the
 step all DETR seeds have reached: DETR has not converged before it, so none of their steps
-is wasted. DETR's seeds go first and may run --lead chunks ahead, so that its converged
-step is known early (its steps past that point are the race's only waste). Once it has converged at N,
+is wasted. DETR's seeds go first, until DETR converges (or --lead chunks ahead of the
+slowest other run), so that its converged step is known early; its steps past that point,
+up to the end of the chunk, are the race's only waste. Once it has converged at N,
 every other run is trained to N; if it has not by --cap steps, to the cap (say so).
 --jobs runs at a time, each with cores / jobs threads. Ctrl-C stops every run with a
 checkpoint; the same command continues. RESULTS.md ("Convergence, to convergence") and
@@ -325,8 +326,9 @@ def get_args(argv=None):
     p.add_argument("--min_steps", type=int, default=2000, help="no convergence before this step")
     p.add_argument("--cap", type=int, default=20000, help="DETR's step cap")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one per core)")
-    p.add_argument("--lead", type=int, default=8, help="chunks DETR may run ahead of the others "
-                   "(its steps past its converged step are the only ones the race can waste)")
+    p.add_argument("--lead", type=int, default=0, help="chunks DETR may run ahead of the slowest "
+                   "other run (0: no limit, DETR first until it converges or reaches the cap); DETR's "
+                   "steps past its converged step are the only ones the race can waste")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "runs_long"), help="runs folder")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--report_only", action="store_true")
@@ -417,9 +419,11 @@ def main(argv=None):
             done = done_steps()
             n_star = write_report()
             target = next_target(done, seeds, args.chunk, args.cap, n_star)
-            # DETR's seeds first (least advanced first), up to --lead chunks past the others'
-            # target, so that its converged step is known early; then the others in order
-            detr_goal = target if n_star is not None else min(args.cap, target + args.lead * args.chunk)
+            # DETR's seeds first (least advanced first), so that its converged step is known
+            # early: up to the cap, or --lead chunks past the slowest other run; then the others
+            slowest = min([done[r] for r in runs if r[0] != BASELINE], default=0)
+            detr_goal = (target if n_star is not None else
+                         min(args.cap, slowest + args.lead * args.chunk) if args.lead else args.cap)
             todo = sorted([(BASELINE, s) for s in seeds if (BASELINE, s) not in running
                            and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
             todo += [(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
