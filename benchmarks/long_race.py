@@ -426,8 +426,9 @@ def main(argv=None):
                          min(args.cap, slowest + args.lead * args.chunk) if args.lead else args.cap)
             todo = sorted([(BASELINE, s) for s in seeds if (BASELINE, s) not in running
                            and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
-            todo += [(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
-                     and done[(n, s)] < target]   # the official runs last (runs' order)
+            # the others in step: least advanced first, then in RUNS' order, official runs last
+            todo += sorted([(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
+                            and done[(n, s)] < target], key=lambda r: (done[r], runs.index(r)))
             if not todo and not running:
                 break
             while todo and len(running) < args.jobs:
