@@ -38,6 +38,7 @@ Finished runs' logs are copied to benchmarks/long_race_logs/ (committed with the
 import argparse
 import concurrent.futures as cf
 import datetime
+import fcntl
 import json
 import os
 import shlex
@@ -343,6 +344,8 @@ def get_args(argv=None):
         p.error("--official needs --refs, --ref_python and --harness")
     if args.chunk % STEPS_PER_EPOCH:
         p.error(f"--chunk must be a multiple of {STEPS_PER_EPOCH} (one epoch)")
+    if args.cap < args.chunk or args.cap % STEPS_PER_EPOCH:
+        p.error(f"--cap must be at least --chunk and a multiple of {STEPS_PER_EPOCH}")
     if BASELINE not in args.variants:
         p.error("the race needs detr, its baseline")
     args.out, args.results = Path(args.out).resolve(), Path(args.results)
@@ -364,6 +367,11 @@ def main(argv=None):
         print(f"wrote the long-race section of {args.results}")
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    lock_file = open(args.out / "race.lock", "w")   # two races in one folder would train a run twice
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.exit(f"error: another long_race.py is running on {args.out} (it holds {lock_file.name})")
     for name, seed in [r for r in runs if not r[0].startswith("official_")]:   # before any work:
         folder = args.out / f"{name}_seed{seed}"
         diff = other_settings(folder, train_argv(name, seed, folder, 0))
