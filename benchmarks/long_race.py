@@ -3,8 +3,8 @@
 The papers' claims are about reaching a *converged* model sooner (DETR's 500-epoch AP in 50
 epochs for Conditional DETR; ~108 for single-scale SMCA; half its baseline's epochs for
 DN-DETR). The quick race (convergence.py, 1,250 steps) stops while every curve still climbs
-steeply. This one trains vanilla DETR until it has converged and every other variant for
-the same number of steps:
+steeply. This one trains vanilla DETR until it has converged, and every other variant until
+its AP passes DETR's converged AP, or for as many steps as DETR took:
 
     python benchmarks/long_race.py --jobs 2        # the race (hours on 2 CPU cores; resumable)
     python benchmarks/long_race.py --report_only   # rewrite RESULTS.md from the runs so far
@@ -21,15 +21,18 @@ point N (a multiple of --chunk steps, at least --min_steps) with
     AP(N) < (1 + 0.05) * AP(3N / 4),  AP(3N / 4) > 0.
 A learning-rate drop would add a jump to the last quarter of any schedule, so the race
 keeps the learning rate constant (lr_drop past the end); then the first N steps of a long
-run *are* an N-step run, and every variant can be cut at DETR's N afterwards.
+run *are* an N-step run, and every variant can be cut at DETR's N afterwards. A variant
+stops once its mean AP (over the seeds, at a step all of them have reached) passes DETR's
+converged AP: the steps to that point are what the race measures. If DETR reaches the cap
+unconverged, its AP at the cap stands in for the converged AP (the report says so).
 
 How it runs: every run advances in chunks of --chunk steps (train.py --max_steps, resumed
 from the run's checkpoint). The other variants move towards the first check point past the
 step all DETR seeds have reached: DETR has not converged before it, so none of their steps
 is wasted. DETR's seeds go first, until DETR converges (or --lead chunks ahead of the
 slowest other run), so that its converged step is known early; its steps past that point,
-up to the end of the chunk, are the race's only waste. Once it has converged at N,
-every other run is trained to N; if it has not by --cap steps, to the cap (say so).
+up to the end of the chunk, are the race's only waste. Once it has converged at N, the
+other runs advance in step, chunk by chunk, towards N, each variant until it passes DETR's AP.
 --jobs runs at a time, each with cores / jobs threads. Ctrl-C stops every run with a
 checkpoint; the same command continues. RESULTS.md ("Convergence, to convergence") and
 long_race.png are rewritten after every chunk, so partial results are always there.
@@ -210,62 +213,84 @@ def archive(out, name, seed):
 
 # ---- the report ----
 
+def detr_state(curves, seeds, chunk, min_steps):
+    """(converged step or None, DETR's mean AP there (or at its frontier), frontier) from
+    DETR's per-seed curves {seed: curve}."""
+    base = [curves[s] for s in seeds if curves.get(s)]
+    if len(base) < len(seeds):
+        return None, None, 0
+    frontier = min(c[-1][0] for c in base)
+    steps, aps = mean_curve(base, frontier)
+    n_star = converged_step(steps, aps, chunk, min_steps)
+    if not steps:
+        return None, None, frontier
+    return n_star, (aps[steps.index(n_star)] if n_star else aps[-1]), frontier
+
+
+def passed_at(curves, target):
+    """The step at which the mean over these curves first reaches `target` (interpolated,
+    up to the step every curve has reached), or None: the rule that ends a variant's run."""
+    if not curves or not all(curves) or target is None:
+        return None
+    steps, aps = mean_curve(curves, min(c[-1][0] for c in curves))
+    return steps_to_reach(steps, aps, target)
+
+
 def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
+    """Rewrite the RESULTS.md section from the runs' logs; returns (converged step, DETR's AP)."""
     official = {n: curve_of(out, f"official_{n}", 0) for n in official}
     curves = {n: {s: curve_of(out, n, s) for s in seeds} for n in names}
     curves = {n: {s: c for s, c in runs.items() if c} for n, runs in curves.items()}
-    base = list(curves.get(BASELINE, {}).values())
-    frontier = min((c[-1][0] for c in base), default=0) if len(base) == len(seeds) else 0
-    steps, aps = mean_curve(base, frontier) if frontier else ([], [])
-    n_star = converged_step(steps, aps, chunk, min_steps)
-    lines = ["## Convergence, to convergence", ""]
-    cfg = (f"One configuration for every variant: tiny preset, ResNet-18 to layer2 (stride 8) for all, "
-           f"{QUERIES[BASELINE]} queries for DETR and {QUERIES['conditional']} for the others (the papers' "
-           f"100 : 300), constant learning rate, evaluation every {STEPS_PER_EPOCH} steps; seeds "
-           f"{' '.join(map(str, seeds))}. Values: mean over seeds (min-max).")
-    lines += [cfg, ""]
+    n_star, target, frontier = detr_state(curves.get(BASELINE, {}), seeds, chunk, min_steps)
+    lines = ["## Convergence, to convergence", "",
+             f"One configuration for every variant: tiny preset, ResNet-18 to layer2 (stride 8) for all "
+             f"(smca_ms: its multi-scale levels, strides 16/32/64), {QUERIES[BASELINE]} queries for DETR and "
+             f"{QUERIES['conditional']} for the others (the papers' 100 : 300), constant learning rate, "
+             f"evaluation every {STEPS_PER_EPOCH} steps; seeds {' '.join(map(str, seeds))}. Values: mean over "
+             f"seeds (min-max). DETR trains until its mean AP gains < {CONVERGED_GAIN:.0%} over the last "
+             f"quarter of its steps (checked every {chunk} steps from {min_steps}, cap {cap}); every other "
+             "variant until its mean AP passes DETR's converged AP, or for as many steps as DETR.", ""]
     if n_star:
-        target = aps[steps.index(n_star)]
-        lines.append(f"**DETR converged at step {n_star}** (mean AP gained < {CONVERGED_GAIN:.0%} over "
-                     f"steps {int(0.75 * n_star)}-{n_star}): AP {target:.3f}.")
-        horizon = n_star
+        lines.append(f"**DETR converged at step {n_star}**: mean AP {target:.3f} (it gained < "
+                     f"{CONVERGED_GAIN:.0%} over steps {int(0.75 * n_star)}-{n_star}).")
+    elif target is not None:
+        lines.append(f"**Partial: DETR has not converged** by step {frontier} (cap {cap}); until it has, the "
+                     f"table reads each variant against DETR's mean AP at that step, {target:.3f}.")
     else:
-        target = aps[-1] if aps else None
-        lines.append(f"**Partial: DETR has not converged** by step {frontier} (cap {cap}); the table reads "
-                     f"each variant against DETR's AP at that step ({target:.3f})." if target is not None
-                     else "**Partial: no DETR curve yet.**")
-        horizon = frontier
-    lines += ["", f"| variant | runs (steps done) | steps to DETR's AP at {horizon} | fraction of {horizon} | "
-              f"AP at {horizon} | AP50 at {horizon} | the paper's fraction |", "|---|---|---|---|---|---|---|"]
+        lines.append("**Partial: no DETR curve yet.**")
+    horizon = n_star or frontier
+    lines += ["", f"| variant | seeds (steps run) | steps to reach DETR's AP | fraction of DETR's {horizon} | "
+              "AP where it stopped | AP50 where it stopped | the paper's fraction |", "|---|---|---|---|---|---|---|"]
     for name in names:
         runs = curves.get(name, {})
         if not runs:
             lines.append(f"| {name} | not started | | | | | {PAPER[name]} |")
             continue
+        upto = min(c[-1][0] for c in runs.values())
+        if name == BASELINE:
+            upto = horizon
+        hit = passed_at(list(runs.values()), target) if len(runs) == len(seeds) else None
+        if hit is not None and hit > horizon:
+            hit = None
+        reach = (f"{hit:.0f}" if hit is not None else
+                 f"not by {upto}" if len(runs) == len(seeds) and target is not None else "-")
+        frac = f"{hit / horizon:.2f} ({horizon / hit:.1f}x fewer)" if hit else "-"
+        at = min(upto, horizon) if horizon else upto
+        ap = fmt_spread([value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()])
+        ap50 = fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], at) for c in runs.values()])
         done = ", ".join(str(c[-1][0]) for c in runs.values())
-        reach = ap = ap50 = "-"
-        if target and len(runs) == len(seeds) and min(c[-1][0] for c in runs.values()) >= min(horizon, 1):
-            upto = min(horizon, min(c[-1][0] for c in runs.values()))
-            ms, ma = mean_curve(list(runs.values()), upto)
-            hit = steps_to_reach(ms, ma, target)
-            reach = "not reached" if hit is None else f"{hit:.0f}"
-            frac = "-" if hit is None else f"{hit / horizon:.2f}"
-            if upto >= horizon:
-                ap = fmt_spread([value_at([r[0] for r in c], [r[1] for r in c], horizon) for c in runs.values()])
-                ap50 = fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], horizon)
-                                   for c in runs.values()])
-        else:
-            frac = "-"
-        lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} | {ap50} | {PAPER[name]} |")
+        lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} at {at} | {ap50} | {PAPER[name]} |")
     for name, curve in official.items():
         if not curve:
             continue
-        at = min(horizon, curve[-1][0])
+        at = min(horizon or curve[-1][0], curve[-1][0])
         ours = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in curves.get(name, {}).values()
                 if c[-1][0] >= at]
-        lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | | | "
+        hit = passed_at([curve], target)
+        lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | "
+                     f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
                      f"{value_at([r[0] for r in curve], [r[1] for r in curve], at):.3f} at {at} "
-                     f"(minidetr {fmt_spread(ours) if ours else '-'}) | | |")
+                     f"(minidetr: {fmt_spread(ours) if ours else '-'}) | | |")
     png = plot(curves, results.parent / "long_race.png", official) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]
@@ -280,7 +305,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
               f"is not theirs). Race wall time so far: {race.get('wall_s', 0) / 3600:.1f} h "
               f"({core_h:.1f} run-hours). Updated {datetime.datetime.now():%Y-%m-%d %H:%M}."]
     update_section(results, "long-race", "\n".join(lines))
-    return n_star
+    return n_star, target
 
 
 def plot(curves, out_png, official=None):
@@ -358,7 +383,7 @@ def main(argv=None):
     runs = [(BASELINE, s) for s in seeds] + [(n, s) for n in names if n != BASELINE for s in seeds]
     runs += [(f"official_{n}", 0) for n in args.official]   # last: the others' chunk goes first
 
-    def write_report():
+    def write_report():   # -> (DETR's converged step or None, its mean AP there)
         return report(args.out, names, seeds, args.chunk, args.cap, args.min_steps, args.results,
                       args.official)
 
@@ -425,8 +450,15 @@ def main(argv=None):
     try:
         while True:
             done = done_steps()
-            n_star = write_report()
+            n_star, detr_ap = write_report()
             target = next_target(done, seeds, args.chunk, args.cap, n_star)
+            # a variant is finished once its mean AP has passed DETR's converged AP (or DETR's AP
+            # at the cap); the official DETR is not: it is compared with ours up to DETR's steps
+            detr_frontier = min(done[(BASELINE, s)] for s in seeds)
+            finished_names = set() if n_star is None and detr_frontier < args.cap else {
+                n for n in {r[0] for r in runs} - {BASELINE, "official_detr"}
+                if passed_at([curve_of(args.out, n, s) for s in (seeds if not n.startswith("official_") else [0])],
+                             detr_ap) is not None}
             # DETR's seeds first (least advanced first), so that its converged step is known
             # early: up to the cap, or --lead chunks past the slowest other run; then the others
             slowest = min([done[r] for r in runs if r[0] != BASELINE], default=0)
@@ -436,7 +468,8 @@ def main(argv=None):
                            and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
             # the others in step: least advanced first, then in RUNS' order, official runs last
             todo += sorted([(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
-                            and done[(n, s)] < target], key=lambda r: (done[r], runs.index(r)))
+                            and n not in finished_names and done[(n, s)] < target],
+                           key=lambda r: (done[r], runs.index(r)))
             if not todo and not running:
                 break
             while todo and len(running) < args.jobs:
@@ -466,7 +499,7 @@ def main(argv=None):
         race["wall_s"] += time.time() - started
         race_json.write_text(json.dumps(race))
     pool.shutdown()
-    n_star = write_report()
+    n_star, _ = write_report()
     print(f"done: DETR {'converged at step ' + str(n_star) if n_star else 'did not converge by the cap'}; "
           f"see {args.results}")
 

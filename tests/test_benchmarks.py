@@ -242,6 +242,10 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
     n_star = long_race.report(tmp_path / "runs", ["detr", "smca"], [0, 1], chunk=1000, cap=8000,
                               min_steps=2000, results=results)
     text = results.read_text()
-    assert n_star == 4000 and "**DETR converged at step 4000**" in text and "AP 0.305" in text
+    assert n_star == (4000, pytest.approx(0.305)) and "**DETR converged at step 4000**: mean AP 0.305" in text
     smca = next(line for line in text.splitlines() if line.startswith("| smca |"))
-    assert "| 1525 | 0.38 | 0.500 (0.500-0.500) | 1.000 (1.000-1.000) |" in smca
+    assert "| 1525 | 0.38 (2.6x fewer) | 0.500 (0.500-0.500) at 4000 | 1.000 (1.000-1.000) |" in smca
+    # the rule that ends a variant's run: its mean passes DETR's AP (at 1525 here), or never
+    smca_curves = [long_race.curve_of(tmp_path / "runs", "smca", s) for s in (0, 1)]
+    assert long_race.passed_at(smca_curves, 0.305) == pytest.approx(1525)
+    assert long_race.passed_at(smca_curves, 0.6) is None
