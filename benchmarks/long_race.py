@@ -291,7 +291,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
                      f"{value_at([r[0] for r in curve], [r[1] for r in curve], at):.3f} at {at} "
                      f"(minidetr: {fmt_spread(ours) if ours else '-'}) | | |")
-    png = plot(curves, results.parent / "long_race.png", official) if any(curves.values()) else None
+    png = plot(curves, results.parent / "long_race.png", official, target) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]
     metas = [json.loads(p.read_text()) for p in out.glob("*_seed*/benchmark.json")]
@@ -308,8 +308,9 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     return n_star, target
 
 
-def plot(curves, out_png, official=None):
-    """AP against step on a log x axis: mean per variant with min-max bands; official dashed."""
+def plot(curves, out_png, official=None, detr_ap=None):
+    """AP against step on a log x axis: mean per variant with min-max bands; official dashed;
+    DETR's converged AP (the finishing line) as a grey line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -323,13 +324,15 @@ def plot(curves, out_png, official=None):
         upto = min(c[-1][0] for c in runs.values())
         steps, mean = mean_curve(list(runs.values()), upto)
         per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
-        line, = ax.plot(steps, mean, label=f"{name} ({len(runs)} seeds)")
+        line, = ax.plot(steps, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
                         color=line.get_color(), alpha=0.2)
         for name_o, curve in (official or {}).items():
             if name_o == name and curve:
                 ax.plot([r[0] for r in curve], [r[1] for r in curve], ls="--", color=line.get_color(),
                         label=f"{name}, official code (1 seed)")
+    if detr_ap is not None:
+        ax.axhline(detr_ap, color="grey", ls=":", lw=0.8, label="DETR's AP to reach")
     ax.set_xscale("log")
     ax.set_xlabel("training step (log)")
     ax.set_ylabel("COCO AP (val)")
