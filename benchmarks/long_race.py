@@ -272,6 +272,8 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
         hit = passed_at(list(runs.values()), target) if len(runs) == len(seeds) else None
         if hit is not None and hit > horizon:
             hit = None
+        if name == BASELINE:   # by definition (its mean curve may touch that AP earlier and dip)
+            hit = horizon or None
         reach = (f"{hit:.0f}" if hit is not None else
                  f"not by {upto}" if len(runs) == len(seeds) and target is not None else "-")
         frac = f"{hit / horizon:.2f} ({horizon / hit:.1f}x fewer)" if hit else "-"
@@ -298,8 +300,9 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     core_h = sum(m.get("wall_s", 0) for m in metas) / 3600
     race = json.loads((out / "race.json").read_text()) if (out / "race.json").exists() else {}
     machines = sorted({m["machine"] for m in metas if "machine" in m}) or [machine_description()]
-    lines += ["", "Reproduce: `python benchmarks/long_race.py --jobs 2` (resumable; `--report_only` "
-              "rewrites this section).", "",
+    command = "python benchmarks/long_race.py " + " ".join(race.get("argv", ["--jobs", "2"]))
+    lines += ["", f"Reproduce: `{command}` (resumable; `--report_only` rewrites this section; "
+              "--refs/--ref_python/--harness as benchmarks/official.py).", "",
               f"Machine: {'; '.join(machines)}. {race.get('jobs', '?')} runs at a time, "
               f"{race.get('threads_per_run', '?')} thread(s) each (the parent's torch thread count above "
               f"is not theirs). Race wall time so far: {race.get('wall_s', 0) / 3600:.1f} h "
@@ -410,7 +413,10 @@ def main(argv=None):
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
     race_json = args.out / "race.json"
     race = json.loads(race_json.read_text()) if race_json.exists() else {"wall_s": 0.0}
-    race.update(jobs=args.jobs, threads_per_run=int(os.environ["OMP_NUM_THREADS"]))
+    race.update(jobs=args.jobs, threads_per_run=int(os.environ["OMP_NUM_THREADS"]),
+                argv=[f"--jobs {args.jobs}", f"--cap {args.cap}", f"--chunk {args.chunk}"]
+                + ([f"--official {' '.join(args.official)} --refs DIR --ref_python PY --harness H"]
+                   if args.official else []))
     lock, started = threading.Lock(), time.time()
 
     def say(text):
