@@ -155,15 +155,30 @@ def settings(argv):
     return {"train_argv": argv, "config": json.loads(json.dumps(config))}
 
 
-def settings_diff(run_dir, expected):
-    """Where run_dir's benchmark.json differs from `expected`: ['train.py arguments', Config fields...]."""
+def settings_diff(run_dir, expected, ignore=()):
+    """Where run_dir's benchmark.json differs from `expected`: ['train.py arguments', Config fields...].
+
+    ignore: Config fields that do not change what is learned (long_race.py: max_steps, a run
+    extended chunk by chunk; output_dir), left out of both the arguments and the fields.
+    """
     meta = Path(run_dir) / "benchmark.json"
     if not meta.exists():
         return []
     saved = json.loads(meta.read_text())
-    diff = ["train.py arguments"] if saved.get("train_argv") != expected["train_argv"] else []
+    diff = (["train.py arguments"] if _without(saved.get("train_argv", []), ignore)
+            != _without(expected["train_argv"], ignore) else [])
     old, new = saved.get("config", {}), expected.get("config", {})
-    return diff + sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return diff + sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def _without(argv, fields):
+    """argv without the flags --<field> of `fields` and their values."""
+    flags, out, skip = {f"--{f}" for f in fields}, [], False
+    for arg in argv:
+        if not skip and arg not in flags:
+            out.append(arg)
+        skip = not skip and arg in flags
+    return out
 
 
 def run_state(run_dir, budget, expected=None):

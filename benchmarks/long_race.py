@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from convergence import (fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
-                         steps_to_reach, update_section, value_at)
+                         settings_diff, steps_to_reach, update_section, value_at)
 
 # name -> the variant's flags; queries are set by QUERIES
 RUNS = {
@@ -139,29 +139,10 @@ def train_argv(name, seed, run_dir, target):
             "--seed", str(seed), "--max_steps", str(target)]
 
 
-def _strip(argv):
-    """train.py arguments without those that do not change what is learned."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--max_steps", "--output_dir"):
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
 def other_settings(run_dir, argv):
-    """Config fields / arguments where run_dir's benchmark.json differs from argv ([] = same)."""
-    meta = Path(run_dir) / "benchmark.json"
-    if not meta.exists():
-        return []
-    saved, now = json.loads(meta.read_text()), settings(argv)
-    diff = ["train.py arguments"] if _strip(saved.get("train_argv", [])) != _strip(argv) else []
-    old, new = saved.get("config", {}), now["config"]
-    return diff + sorted(k for k in set(old) | set(new)
-                         if k not in ("max_steps", "output_dir") and old.get(k) != new.get(k))
+    """Config fields / arguments where run_dir's benchmark.json differs from argv ([] = same);
+    a run's budget (it is extended chunk by chunk) and its folder are not settings."""
+    return settings_diff(run_dir, settings(argv), ignore=("max_steps", "output_dir"))
 
 
 def official_argv(name, seed, folder, steps, args):
