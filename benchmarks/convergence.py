@@ -411,11 +411,17 @@ def plot(found, out_png, budget):
     if BASELINE in found:
         ax.axhline(mean_curve(found[BASELINE])[1][-1], color="grey", ls="--", lw=0.8,
                    label=f"{BASELINE} final AP")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("COCO AP (val)")
     ax.set_xlim(0, budget["steps"])
-    ax.set_title("minidetr, tiny preset, shapes dataset")
-    ax.legend(fontsize=8)
+    return save_ap_plot(fig, ax, out_png, "training step", "minidetr, tiny preset, shapes dataset", 8)
+
+
+def save_ap_plot(fig, ax, out_png, xlabel, title, legend_size):
+    """Label an AP-against-step plot, write it to out_png and close it (long_race.py's too)."""
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("COCO AP (val)")
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

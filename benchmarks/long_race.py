@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from convergence import (fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
-                         settings_diff, steps_to_reach, update_section, value_at)
+                         save_ap_plot, settings_diff, steps_to_reach, update_section, value_at)
 
 # name -> the variant's flags; queries are set by QUERIES
 RUNS = {
@@ -318,14 +318,8 @@ def plot(curves, out_png, official=None, detr_ap=None):
     if detr_ap is not None:
         ax.axhline(detr_ap, color="grey", ls=":", lw=0.8, label="DETR's AP to reach")
     ax.set_xscale("log")
-    ax.set_xlabel("training step (log)")
-    ax.set_ylabel("COCO AP (val)")
-    ax.set_title("minidetr, one configuration for all, shapes dataset")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_ap_plot(fig, ax, out_png, "training step (log)",
+                        "minidetr, one configuration for all, shapes dataset", 7)
 
 
 # ---- main ----
