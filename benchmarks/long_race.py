@@ -100,7 +100,10 @@ OFFICIAL = {"detr": ("detr", []), "conditional": ("cond", ["--num_select", str(Q
 # ---- the convergence rule and the schedule (pure functions; tests/test_benchmarks.py) ----
 
 def mean_curve(curves, upto):
-    """Mean AP over seeds at every step <= upto that every seed has evaluated: (steps, APs)."""
+    """Mean AP over seeds at every step <= upto that every seed has evaluated: (steps, APs).
+
+    (convergence.mean_curve takes every step any seed has, extending the shorter curves flat:
+    right for finished runs of one budget, wrong for runs still under way.)"""
     common = sorted(set.intersection(*[{r[0] for r in c if r[0] <= upto} for c in curves]))
     return common, [sum(value_at([r[0] for r in c], [r[1] for r in c], s) for c in curves) / len(curves)
                     for s in common]
@@ -405,10 +408,8 @@ def main(argv=None):
         folder = args.out / f"{name}_seed{seed}"
         if name.startswith("official_"):
             return train_official(name[len("official_"):], seed, folder, target)
-        argv_run = train_argv(name, seed, folder, target)
         budget = {"steps": target, "steps_per_epoch": STEPS_PER_EPOCH}
-        rc = run_one(argv_run, folder, budget, lambda line: None)
-        return rc
+        return run_one(train_argv(name, seed, folder, target), folder, budget, lambda line: None)
 
     def train_official(name, seed, folder, target):
         folder.mkdir(parents=True, exist_ok=True)
