@@ -47,12 +47,17 @@ def test_eval_outputs_on_device_equal_the_cpu(variant, device, monkeypatch):
     With TF32 off: PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit
     mantissa, ~1e-3 relative per product), which over ResNet-18's 20 convolutions from random
     weights is more than this comparison's tolerance; the check is of minidetr's code on the
-    device, not of TF32's rounding."""
+    device, not of TF32's rounding.
+
+    With the backbone in float32 on both sides: the tiny preset's backbone_precision 'auto'
+    runs the ResNet in bf16 on a CPU with bf16 instructions (a GPU host often has them) and
+    in float32 on a GPU, so the two sides would differ by bf16's rounding (~1e-3 relative in
+    the logits, seen on an H200's host)."""
     if device.type == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
-    model = minidetr.build(variant, preset="tiny")[0].eval()
+    model = minidetr.build(variant, preset="tiny", backbone_precision="fp32")[0].eval()
     images, mask, _ = batch("cpu")
     with torch.no_grad():
         cpu_out = model(images, mask)
@@ -63,20 +68,35 @@ def test_eval_outputs_on_device_equal_the_cpu(variant, device, monkeypatch):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_amp_training_step_is_finite(variant, device):
-    """One forward + loss + backward under autocast: every loss and gradient finite."""
+    """One forward + loss + backward under autocast: every loss and gradient finite.
+
+    fp16 (CUDA only) trains through a GradScaler, as train.py does. Its first scale, 2**16,
+    can overflow fp16 in the backward (inf / nan gradients); the scaler then skips that step
+    and halves the scale. So a first try with non-finite gradients is normal, and what must
+    hold is that a finite step comes within a few halvings (scale >= 2**6 here), with the
+    loss itself finite every time."""
     torch.manual_seed(0)
     model, criterion, _ = minidetr.build(variant, preset="tiny")
     model.to(device).train()
     images, mask, targets = batch(device)
     for dtype in ([torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.bfloat16]):
-        model.zero_grad()
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        with torch.autocast(device_type=device.type, dtype=dtype):
-            losses = criterion(model(images, mask, targets), targets)
-        total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-        assert torch.isfinite(total), (dtype, {k: float(v) for k, v in losses.items()})
-        (scaler.scale(total) if scaler else total).backward()
-        if scaler:
-            scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.0))
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads), dtype
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)   # lr 0: the weights never move
+        for attempt in range(11 if scaler else 1):
+            model.zero_grad()
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                losses = criterion(model(images, mask, targets), targets)
+            total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+            assert torch.isfinite(total), (dtype, {k: float(v) for k, v in losses.items()})
+            (scaler.scale(total) if scaler else total).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = bool(grads) and all(torch.isfinite(g).all() for g in grads)
+            if finite or not scaler:
+                break
+            scale = scaler.get_scale()
+            scaler.step(optimizer)    # skipped: the scaler saw the inf / nan
+            scaler.update()           # and halves the scale
+            assert scaler.get_scale() == scale / 2
+        assert finite, (dtype, f"no finite step in {attempt + 1} tries" if scaler else "")
