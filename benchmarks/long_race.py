@@ -32,7 +32,10 @@ step all DETR seeds have reached: DETR has not converged before it, so none of t
 is wasted. DETR's seeds go first, until DETR converges (or --lead chunks ahead of the
 slowest other run), so that its converged step is known early; its steps past that point,
 up to the end of the chunk, are the race's only waste. Once it has converged at N, the
-other runs advance in step, chunk by chunk, towards N, each variant until it passes DETR's AP.
+other runs advance chunk by chunk towards N, each variant until it passes DETR's AP: all in
+step (--order step), or the variant nearest DETR's AP first (--order nearest: variants finish
+one at a time, so a race cut short has whole rows; the official runs keep one of the jobs).
+The order changes only which numbers come first, not any run's steps.
 --jobs runs at a time, each with cores / jobs threads. Ctrl-C stops every run with a
 checkpoint; the same command continues. RESULTS.md ("Convergence, to convergence") and
 long_race.png are rewritten after every chunk, so partial results are always there.
@@ -220,6 +223,26 @@ def passed_at(curves, target):
     return steps_to_reach(steps, aps, target)
 
 
+def ap_now(curves):
+    """A variant's mean AP over its seeds at the last step all of them have evaluated (0 before
+    that): the --order nearest schedule runs the variant with the highest first."""
+    if not curves or not all(curves):
+        return 0.0
+    steps, aps = mean_curve(curves, min(c[-1][0] for c in curves))
+    return aps[-1] if aps else 0.0
+
+
+def nearest_first(pending, done, ap, runs, official_slot):
+    """--order nearest: minidetr's runs by their variant's mean AP now, highest first (then
+    least advanced, then RUNS' order), so that variants finish one at a time. The official
+    runs (least advanced first) go last, except that one goes first when official_slot is
+    set (the race gives them one of its jobs, so that their curves keep moving too)."""
+    ours = sorted([r for r in pending if not r[0].startswith("official_")],
+                  key=lambda r: (-ap.get(r[0], 0.0), done[r], runs.index(r)))
+    official = sorted([r for r in pending if r[0].startswith("official_")], key=lambda r: (done[r], runs.index(r)))
+    return official[:1] + ours + official[1:] if official_slot else ours + official
+
+
 def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     """Rewrite the RESULTS.md section from the runs' logs; returns (converged step, DETR's AP)."""
     official = {n: curve_of(out, f"official_{n}", 0) for n in official}
@@ -339,6 +362,11 @@ def get_args(argv=None):
     p.add_argument("--lead", type=int, default=0, help="chunks DETR may run ahead of the slowest "
                    "other run (0: no limit, DETR first until it converges or reaches the cap); DETR's "
                    "steps past its converged step are the only ones the race can waste")
+    p.add_argument("--order", choices=["step", "nearest"], default="step",
+                   help="after DETR, which run advances next: 'step', the least advanced (all variants "
+                        "in step); 'nearest', the variant with the highest mean AP now, so that variants "
+                        "finish one at a time and a race cut short has whole rows. Either way each "
+                        "variant's steps to DETR's AP are the same")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "runs_long"), help="runs folder")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--report_only", action="store_true")
@@ -392,7 +420,7 @@ def main(argv=None):
     race_json = args.out / "race.json"
     race = json.loads(race_json.read_text()) if race_json.exists() else {"wall_s": 0.0}
     race.update(jobs=args.jobs, threads_per_run=int(os.environ["OMP_NUM_THREADS"]),
-                argv=[f"--jobs {args.jobs}", f"--cap {args.cap}", f"--chunk {args.chunk}"]
+                argv=[f"--jobs {args.jobs}", f"--cap {args.cap}", f"--chunk {args.chunk}", f"--order {args.order}"]
                 + ([f"--official {' '.join(args.official)} --refs DIR --ref_python PY --harness H"]
                    if args.official else []))
     lock, started = threading.Lock(), time.time()
@@ -451,10 +479,14 @@ def main(argv=None):
                          min(args.cap, slowest + args.lead * args.chunk) if args.lead else args.cap)
             todo = sorted([(BASELINE, s) for s in seeds if (BASELINE, s) not in running
                            and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
-            # the others in step: least advanced first, then in RUNS' order, official runs last
-            todo += sorted([(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
-                            and n not in finished_names and done[(n, s)] < target],
-                           key=lambda r: (done[r], runs.index(r)))
+            others = [(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
+                      and n not in finished_names and done[(n, s)] < target]
+            if args.order == "step":   # least advanced first, then in RUNS' order (official last)
+                todo += sorted(others, key=lambda r: (done[r], runs.index(r)))
+            else:
+                ap = {n: ap_now([curve_of(args.out, n, s) for s in seeds]) for n in names}
+                official_slot = args.jobs > 1 and not any(k[0].startswith("official_") for k in running)
+                todo += nearest_first(others, done, ap, runs, official_slot)
             if not todo and not running:
                 break
             while todo and len(running) < args.jobs:

@@ -249,3 +249,22 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
     smca_curves = [long_race.curve_of(tmp_path / "runs", "smca", s) for s in (0, 1)]
     assert long_race.passed_at(smca_curves, 0.305) == pytest.approx(1525)
     assert long_race.passed_at(smca_curves, 0.6) is None
+
+
+def test_long_race_nearest_order_by_hand():
+    """--order nearest. smca's seeds at AP 0.3 / 0.5 (mean 0.4 at step 2000, the last step both
+    have), dn's 0.2 / 0.2 at 1000 (seed 1 has not gone further), dab nothing yet (0):
+    smca, then dn, then dab; within smca the less advanced seed first; official runs last,
+    or one of them first when the race gives them a slot."""
+    smca = [[(1000, 0.1), (2000, 0.3)], [(1000, 0.2), (2000, 0.5), (3000, 0.6)]]
+    assert long_race.ap_now(smca) == pytest.approx(0.4)
+    assert long_race.ap_now([[(1000, 0.2), (2000, 0.9)], [(1000, 0.2)]]) == pytest.approx(0.2)
+    assert long_race.ap_now([[(1000, 0.2)], []]) == 0.0
+    runs = [("detr", 0), ("smca", 0), ("smca", 1), ("dn", 0), ("dab", 0), ("official_detr", 0), ("official_conditional", 0)]
+    done = {("smca", 0): 2000, ("smca", 1): 1000, ("dn", 0): 1000, ("dab", 0): 0,
+            ("official_detr", 0): 3000, ("official_conditional", 0): 1000}
+    ap = {"smca": 0.4, "dn": 0.2}
+    pending = [("dab", 0), ("official_detr", 0), ("dn", 0), ("smca", 0), ("official_conditional", 0), ("smca", 1)]
+    expected = [("smca", 1), ("smca", 0), ("dn", 0), ("dab", 0), ("official_conditional", 0), ("official_detr", 0)]
+    assert long_race.nearest_first(pending, done, ap, runs, official_slot=False) == expected
+    assert long_race.nearest_first(pending, done, ap, runs, official_slot=True) == [expected[4]] + expected[:4] + [expected[5]]
