@@ -243,6 +243,16 @@ def nearest_first(pending, done, ap, runs, official_slot):
     return official[:1] + ours + official[1:] if official_slot else ours + official
 
 
+def detr_equivalent(detr_curve, ap, at):
+    """'DETR's steps to that AP (fraction)': the step at which DETR's mean curve first had this
+    AP, and `at` as a fraction of it. For a variant still under way it is the running form of
+    the race's measure: the same fraction, at an AP below DETR's converged one."""
+    hit = steps_to_reach(*detr_curve, ap) if detr_curve[0] and ap > 0 else None
+    if hit is None:
+        return f"beyond DETR's {detr_curve[0][-1]}" if detr_curve[0] and ap > 0 else "-"
+    return f"{hit:.0f} ({at / hit:.2f})"
+
+
 def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     """Rewrite the RESULTS.md section from the runs' logs; returns (converged step, DETR's AP)."""
     official = {n: curve_of(out, f"official_{n}", 0) for n in official}
@@ -266,8 +276,11 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     else:
         lines.append("**Partial: no DETR curve yet.**")
     horizon = n_star or frontier
+    # DETR's mean curve, to read any AP as "the step at which DETR had it" (the last column but one)
+    detr_curve = mean_curve(list(curves[BASELINE].values()), horizon) if horizon else ([], [])
     lines += ["", f"| variant | seeds (steps run) | steps to reach DETR's AP | fraction of DETR's {horizon} | "
-              "AP where it stopped | AP50 where it stopped | the paper's fraction |", "|---|---|---|---|---|---|---|"]
+              "AP where it stopped | AP50 where it stopped | DETR's steps to that AP (fraction) | "
+              "the paper's fraction |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         runs = curves.get(name, {})
         if not runs:
@@ -285,10 +298,11 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
                  f"not by {upto}" if len(runs) == len(seeds) and target is not None else "-")
         frac = f"{hit / horizon:.2f} ({horizon / hit:.1f}x fewer)" if hit else "-"
         at = min(upto, horizon) if horizon else upto
-        ap = fmt_spread([value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()])
-        ap50 = fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], at) for c in runs.values()])
+        aps = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()]
+        ap, ap50 = fmt_spread(aps), fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], at) for c in runs.values()])
         done = ", ".join(str(c[-1][0]) for c in runs.values())
-        lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} at {at} | {ap50} | {PAPER[name]} |")
+        lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} at {at} | {ap50} | "
+                     f"{detr_equivalent(detr_curve, sum(aps) / len(aps), at) if name != BASELINE else '-'} | {PAPER[name]} |")
     for name, curve in official.items():
         if not curve:
             continue
@@ -296,10 +310,11 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
         ours = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in curves.get(name, {}).values()
                 if c[-1][0] >= at]
         hit = passed_at([curve], target)
+        theirs = value_at([r[0] for r in curve], [r[1] for r in curve], at)
         lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | "
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
-                     f"{value_at([r[0] for r in curve], [r[1] for r in curve], at):.3f} at {at} "
-                     f"(minidetr: {fmt_spread(ours) if ours else '-'}) | | |")
+                     f"{theirs:.3f} at {at} (minidetr: {fmt_spread(ours) if ours else '-'}) | | "
+                     f"{detr_equivalent(detr_curve, theirs, at) if name != BASELINE else '-'} | |")
     png = plot(curves, results.parent / "long_race.png", official, target) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]

@@ -238,13 +238,18 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
     for seed in (0, 1):
         write("detr", seed, [0.1, 0.2, 0.3, 0.305])
         write("smca", seed, [0.2, 0.4, 0.45, 0.5])
+    write("dn", 0, [0.1, 0.2])     # under way: mean AP (0.2 + 0.3) / 2 = 0.25 at 2000, which
+    write("dn", 1, [0.1, 0.3])     # DETR's curve reaches at 2000 + 1000 * 0.05 / 0.1 = 2500: 0.80
     results = tmp_path / "RESULTS.md"
-    n_star = long_race.report(tmp_path / "runs", ["detr", "smca"], [0, 1], chunk=1000, cap=8000,
+    n_star = long_race.report(tmp_path / "runs", ["detr", "smca", "dn"], [0, 1], chunk=1000, cap=8000,
                               min_steps=2000, results=results)
     text = results.read_text()
     assert n_star == (4000, pytest.approx(0.305)) and "**DETR converged at step 4000**: mean AP 0.305" in text
     smca = next(line for line in text.splitlines() if line.startswith("| smca |"))
     assert "| 1525 | 0.38 (2.6x fewer) | 0.500 (0.500-0.500) at 4000 | 1.000 (1.000-1.000) |" in smca
+    assert "| beyond DETR's 4000 |" in smca        # 0.5: more than DETR ever had
+    dn = next(line for line in text.splitlines() if line.startswith("| dn |"))
+    assert "| not by 2000 | - | 0.250 (0.200-0.300) at 2000 |" in dn and "| 2500 (0.80) |" in dn
     # the rule that ends a variant's run: its mean passes DETR's AP (at 1525 here), or never
     smca_curves = [long_race.curve_of(tmp_path / "runs", "smca", s) for s in (0, 1)]
     assert long_race.passed_at(smca_curves, 0.305) == pytest.approx(1525)
