@@ -496,7 +496,7 @@ def main(argv=None):
                            and done[(BASELINE, s)] < detr_goal], key=lambda k: done[k])
             others = [(n, s) for n, s in runs if n != BASELINE and (n, s) not in running
                       and n not in finished_names and done[(n, s)] < target]
-            if args.order == "step":   # least advanced first, then in RUNS' order (official last)
+            if args.order == "step":   # least advanced first, then in RUNS' order (official after ours)
                 todo += sorted(others, key=lambda r: (done[r], runs.index(r)))
             else:
                 ap = {n: ap_now([curve_of(args.out, n, s) for s in seeds]) for n in names}
