@@ -151,18 +151,23 @@ def other_settings(run_dir, argv):
     return settings_diff(run_dir, settings(argv), ignore=("max_steps", "output_dir"))
 
 
-def official_argv(name, seed, folder, steps, args):
-    """The harness's command for `steps` more steps of an official run (resumed if it has a checkpoint)."""
+def official_argv(name, seed, folder, steps, args, done=0):
+    """The harness's command for `steps` more steps of an official run (resumed if it has a checkpoint).
+
+    The official main.py seeds torch's generator when it starts, and its RandomSampler and
+    augmentations draw from it: a chunk resumed with the same seed would replay the first
+    chunk's data orders. So a resumed chunk gets seed + its first step (`done`): new orders,
+    as an uninterrupted run would have; the weights come from the checkpoint either way."""
     from official import COMMON, coco_layout
     harness_name, extra = OFFICIAL[name]
     common, i = list(COMMON), COMMON.index("--epochs")
     common[i + 1], common[common.index("--lr_drop") + 1] = str(EPOCHS), str(EPOCHS)
     argv = [args.ref_python, args.harness, "--refs", args.refs, harness_name, "--coco_path",
             str(coco_layout(args.out)), "--output_dir", str(folder), *common, "--stage", "layer2",
-            "--num_queries", str(QUERIES[name]), *extra, "--seed", str(seed), "--max_steps", str(steps)]
+            "--num_queries", str(QUERIES[name]), *extra, "--max_steps", str(steps)]
     if (Path(folder) / "checkpoint.pth").exists():   # the official main.py's own resume
-        argv += ["--resume", str(Path(folder) / "checkpoint.pth")]
-    return argv
+        return argv + ["--seed", str(seed + done), "--resume", str(Path(folder) / "checkpoint.pth")]
+    return argv + ["--seed", str(seed)]
 
 
 def official_curve(path):
@@ -458,7 +463,7 @@ def main(argv=None):
         folder.mkdir(parents=True, exist_ok=True)
         # without a checkpoint (a new machine, an archived log only) it starts again from 0
         done = (official_curve(folder / "log.txt") or [(0,)])[-1][0] if (folder / "checkpoint.pth").exists() else 0
-        argv_run = official_argv(name, seed, folder, target - done, args)
+        argv_run = official_argv(name, seed, folder, target - done, args, done)
         (folder / "command.txt").write_text(shlex.join(argv_run) + "\n")
         meta_path, start = folder / "benchmark.json", time.time()
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"wall_s": 0.0}

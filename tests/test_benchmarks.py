@@ -3,6 +3,7 @@
 Smoke-level on purpose: the scripts themselves run train.py and time models (minutes);
 here only the bookkeeping that turns logs into the reported numbers is checked.
 """
+import argparse
 import json
 import sys
 import time
@@ -220,6 +221,27 @@ def test_long_race_official_log_steps_and_archive(tmp_path, monkeypatch):
     (run / "log.txt").write_text("a\n")
     long_race.archive(tmp_path / "runs", "detr", 0)
     assert (tmp_path / "archive" / "detr_seed0.txt").read_text() == "a\nb\n"
+
+
+def test_long_race_official_resume_draws_new_data_orders(tmp_path, monkeypatch):
+    """The official main.py reseeds torch when it starts, so a resumed chunk must not get the
+    first chunk's seed (it would replay its data orders): seed 0 for the first chunk, then
+    seed 0 + the chunk's first step, with the run's checkpoint."""
+    import official
+    monkeypatch.setattr(official, "coco_layout", lambda runs: Path(runs) / "coco")   # no dataset needed
+    args = argparse.Namespace(ref_python="PY", harness="H", refs="R", out=tmp_path)
+    folder = tmp_path / "official_detr_seed0"
+    folder.mkdir()
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    first = long_race.official_argv("detr", 0, folder, 1000, args)
+    assert flag(first, "--seed") == "0" and flag(first, "--resume") is None and flag(first, "--max_steps") == "1000"
+    (folder / "checkpoint.pth").write_bytes(b"")
+    later = long_race.official_argv("detr", 0, folder, 1000, args, done=3000)
+    assert flag(later, "--seed") == "3000" and flag(later, "--resume") == str(folder / "checkpoint.pth")
+    assert first.count("--seed") == later.count("--seed") == 1
 
 
 def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
