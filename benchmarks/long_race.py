@@ -49,6 +49,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -435,6 +436,12 @@ def main(argv=None):
         if diff:
             sys.exit(f"error: {folder} holds a run made with other settings ({', '.join(diff)}); "
                      f"delete it or choose another --out")
+    # Ctrl-C, kill -INT and kill -TERM stop the race wherever it was started: a background job
+    # of a non-interactive shell (nohup ... & in a script) starts with SIGINT ignored, so
+    # Python installs no KeyboardInterrupt, and such a race went on starting chunks while its
+    # runs were being stopped
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if "OMP_NUM_THREADS" not in os.environ:   # the children's threads: the cores shared out
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
     race_json = args.out / "race.json"
@@ -529,7 +536,8 @@ def main(argv=None):
             started = time.time()
             race_json.write_text(json.dumps(race))
     except KeyboardInterrupt:
-        say("interrupted: the runs save their checkpoints; rerun the same command to continue")
+        say("interrupted: no new chunk starts; the running ones save a checkpoint when they get the "
+            "signal too (Ctrl-C sends it to them), else they finish their chunk. Rerun the same command to continue")
         pool.shutdown(wait=True)
         raise SystemExit(1)
     finally:
