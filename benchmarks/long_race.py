@@ -220,21 +220,25 @@ def detr_state(curves, seeds, chunk, min_steps):
     return n_star, (aps[steps.index(n_star)] if n_star else aps[-1]), frontier
 
 
+def shared_mean(curves):
+    """mean_curve up to the step every one of these curves has reached; ([], []) while a
+    curve is missing or empty."""
+    if not curves or not all(curves):
+        return [], []
+    return mean_curve(curves, min(c[-1][0] for c in curves))
+
+
 def passed_at(curves, target):
     """The step at which the mean over these curves first reaches `target` (interpolated,
     up to the step every curve has reached), or None: the rule that ends a variant's run."""
-    if not curves or not all(curves) or target is None:
-        return None
-    steps, aps = mean_curve(curves, min(c[-1][0] for c in curves))
-    return steps_to_reach(steps, aps, target)
+    steps, aps = shared_mean(curves)
+    return steps_to_reach(steps, aps, target) if steps and target is not None else None
 
 
 def ap_now(curves):
     """A variant's mean AP over its seeds at the last step all of them have evaluated (0 before
     that): the --order nearest schedule runs the variant with the highest first."""
-    if not curves or not all(curves):
-        return 0.0
-    steps, aps = mean_curve(curves, min(c[-1][0] for c in curves))
+    aps = shared_mean(curves)[1]
     return aps[-1] if aps else 0.0
 
 
