@@ -94,7 +94,7 @@ PAPER = {
     "conditional_dn": "0.5 of Conditional DETR's (DN-DETR's claim for the model it is added to)",
 }
 ARCHIVE = ROOT / "benchmarks" / "long_race_logs"
-# The official code's runs (--official): one seed each, through the reference-training
+# The official code's runs (--official, seeds --official_seeds), through the reference-training
 # harness (benchmarks/official.py says what it is), at the race's configuration: the tiny
 # preset's sizes (official.COMMON) with the race's stage, queries and constant lr.
 OFFICIAL = {"detr": ("detr", []), "conditional": ("cond", ["--num_select", str(QUERIES["conditional"])]),
@@ -183,6 +183,14 @@ def official_curve(path):
     return [(step, *rows[step]) for step in sorted(rows)]
 
 
+def official_seeds(out, name):
+    """The seeds of the official runs of `name` that have a log, in the run folders or the
+    archive: the report shows every one of them, whichever command started it."""
+    found = {p.parent.name for p in Path(out).glob(f"official_{name}_seed*/log.txt")}
+    found |= {p.stem for p in ARCHIVE.glob(f"official_{name}_seed*.txt")}
+    return sorted(int(f.rsplit("_seed", 1)[1]) for f in found)
+
+
 def curve_of(out, name, seed):
     """A run's curve: from its folder, or from the archived log of a finished run."""
     if name.startswith("official_"):
@@ -265,7 +273,8 @@ def detr_equivalent(detr_curve, ap, at):
 
 def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     """Rewrite the RESULTS.md section from the runs' logs; returns (converged step, DETR's AP)."""
-    official = {n: curve_of(out, f"official_{n}", 0) for n in official}
+    official = {n: {s: c for s in official_seeds(out, n) if (c := curve_of(out, f"official_{n}", s))}
+                for n in official}
     curves = {n: {s: curve_of(out, n, s) for s in seeds} for n in names}
     curves = {n: {s: c for s, c in runs.items() if c} for n, runs in curves.items()}
     n_star, target, frontier = detr_state(curves.get(BASELINE, {}), seeds, chunk, min_steps)
@@ -313,18 +322,20 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
         done = ", ".join(str(c[-1][0]) for c in runs.values())
         lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} at {at} | {ap50} | "
                      f"{detr_equivalent(detr_curve, sum(aps) / len(aps), at) if name != BASELINE else '-'} | {PAPER[name]} |")
-    for name, curve in official.items():
-        if not curve:
+    for name, runs in official.items():   # compared with ours at the step every official seed has reached
+        if not runs:
             continue
-        at = min(horizon or curve[-1][0], curve[-1][0])
+        upto = min(c[-1][0] for c in runs.values())
+        at = min(horizon or upto, upto)
         ours = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in curves.get(name, {}).values()
                 if c[-1][0] >= at]
-        hit = passed_at([curve], target)
-        theirs = value_at([r[0] for r in curve], [r[1] for r in curve], at)
-        lines.append(f"| {name}, official code (seed 0) | 1 ({curve[-1][0]}) | "
+        hit = passed_at(list(runs.values()), target)
+        theirs = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()]
+        lines.append(f"| {name}, official code (seed{'s' * (len(runs) > 1)} {' '.join(map(str, runs))}) | "
+                     f"{len(runs)} ({', '.join(str(c[-1][0]) for c in runs.values())}) | "
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
-                     f"{theirs:.3f} at {at} (minidetr: {fmt_spread(ours) if ours else '-'}) | | "
-                     f"{detr_equivalent(detr_curve, theirs, at) if name != BASELINE else '-'} | |")
+                     f"{fmt_spread(theirs)} at {at} (minidetr: {fmt_spread(ours) if ours else '-'}) | | "
+                     f"{detr_equivalent(detr_curve, sum(theirs) / len(theirs), at) if name != BASELINE else '-'} | |")
     png = plot(curves, results.parent / "long_race.png", official, target) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]
@@ -344,7 +355,8 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
 
 
 def plot(curves, out_png, official=None, detr_ap=None):
-    """AP against step on a log x axis: mean per variant with min-max bands; official dashed;
+    """AP against step on a log x axis: mean per variant with min-max bands; official dashed
+    (mean over its seeds, with a lighter band);
     DETR's converged AP (the finishing line) as a grey line."""
     try:
         import matplotlib
@@ -362,10 +374,15 @@ def plot(curves, out_png, official=None, detr_ap=None):
         line, = ax.plot(steps, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
         ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
                         color=line.get_color(), alpha=0.2)
-        for name_o, curve in (official or {}).items():
-            if name_o == name and curve:
-                ax.plot([r[0] for r in curve], [r[1] for r in curve], ls="--", color=line.get_color(),
-                        label=f"{name}, official code (1 seed)")
+        theirs = (official or {}).get(name)
+        if theirs:
+            steps, mean = mean_curve(list(theirs.values()), min(c[-1][0] for c in theirs.values()))
+            per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in theirs.values()]
+            ax.plot(steps, mean, ls="--", color=line.get_color(),
+                    label=f"{name}, official code ({len(theirs)} seed{'s' * (len(theirs) > 1)})")
+            if len(theirs) > 1:
+                ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
+                                color=line.get_color(), alpha=0.08, hatch="//")
     if detr_ap is not None:
         ax.axhline(detr_ap, color="grey", ls=":", lw=0.8, label="DETR's AP to reach")
     ax.set_xscale("log")
@@ -396,8 +413,9 @@ def get_args(argv=None):
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--official", nargs="*", default=[], choices=list(OFFICIAL),
-                   help="also train the official code of these variants (seed 0, after every minidetr run "
-                        "of a chunk); needs --refs, --ref_python and --harness as benchmarks/official.py")
+                   help="also train the official code of these variants (one job for them under --order "
+                        "nearest); needs --refs, --ref_python and --harness as benchmarks/official.py")
+    p.add_argument("--official_seeds", nargs="+", type=int, default=[0], help="the official runs' seeds")
     p.add_argument("--refs", help="folder with the official repositories (see official.py)")
     p.add_argument("--ref_python", help="the Python of the official code's environment")
     p.add_argument("--harness", help="the reference-training harness's ref_train.py")
@@ -418,7 +436,7 @@ def main(argv=None):
     args = get_args(argv)
     names, seeds = args.variants, args.seeds
     runs = [(BASELINE, s) for s in seeds] + [(n, s) for n in names if n != BASELINE for s in seeds]
-    runs += [(f"official_{n}", 0) for n in args.official]   # last: the others' chunk goes first
+    runs += [(f"official_{n}", s) for n in args.official for s in args.official_seeds]   # last
 
     def write_report():   # -> (DETR's converged step or None, its mean AP there)
         return report(args.out, names, seeds, args.chunk, args.cap, args.min_steps, args.results,
@@ -452,7 +470,8 @@ def main(argv=None):
     race = json.loads(race_json.read_text()) if race_json.exists() else {"wall_s": 0.0}
     race.update(jobs=args.jobs, threads_per_run=int(os.environ["OMP_NUM_THREADS"]),
                 argv=[f"--jobs {args.jobs}", f"--cap {args.cap}", f"--chunk {args.chunk}", f"--order {args.order}"]
-                + ([f"--official {' '.join(args.official)} --refs DIR --ref_python PY --harness H"]
+                + ([f"--official {' '.join(args.official)} --official_seeds {' '.join(map(str, args.official_seeds))}"
+                    " --refs DIR --ref_python PY --harness H"]
                    if args.official else []))
     lock, started = threading.Lock(), time.time()
 
@@ -501,7 +520,8 @@ def main(argv=None):
             detr_frontier = min(done[(BASELINE, s)] for s in seeds)
             finished_names = set() if n_star is None and detr_frontier < args.cap else {
                 n for n in {r[0] for r in runs} - {BASELINE, "official_detr"}
-                if passed_at([curve_of(args.out, n, s) for s in (seeds if not n.startswith("official_") else [0])],
+                if passed_at([curve_of(args.out, n, s) for s in
+                              (args.official_seeds if n.startswith("official_") else seeds)],
                              detr_ap) is not None}
             # DETR's seeds first (least advanced first), so that its converged step is known
             # early: up to the cap, or --lead chunks past the slowest other run; then the others

@@ -262,9 +262,17 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
         write("smca", seed, [0.2, 0.4, 0.45, 0.5])
     write("dn", 0, [0.1, 0.2])     # under way: mean AP (0.2 + 0.3) / 2 = 0.25 at 2000, which
     write("dn", 1, [0.1, 0.3])     # DETR's curve reaches at 2000 + 1000 * 0.05 / 0.1 = 2500: 0.80
+    # the official code, two seeds (its log: one line per 250-step epoch), one of them archived only:
+    # AP 0.2 and 0.4 at 2000, so 0.300 (0.200-0.400) there, beside our DETR's 0.200 at 2000
+    for seed, ap in ((0, 0.2), (1, 0.4)):
+        rows = [{"epoch": e, "test_coco_eval_bbox": [a, 0, 0] + [0] * 9} for e, a in ((3, 0.1), (7, ap))]
+        log = (tmp_path / "runs" / f"official_detr_seed{seed}" / "log.txt" if seed == 0
+               else tmp_path / "archive" / f"official_detr_seed{seed}.txt")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = tmp_path / "RESULTS.md"
     n_star = long_race.report(tmp_path / "runs", ["detr", "smca", "dn"], [0, 1], chunk=1000, cap=8000,
-                              min_steps=2000, results=results)
+                              min_steps=2000, results=results, official=["detr"])
     text = results.read_text()
     assert n_star == (4000, pytest.approx(0.305)) and "**DETR converged at step 4000**: mean AP 0.305" in text
     smca = next(line for line in text.splitlines() if line.startswith("| smca |"))
@@ -272,6 +280,9 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
     assert "| beyond DETR's 4000 |" in smca        # 0.5: more than DETR ever had
     dn = next(line for line in text.splitlines() if line.startswith("| dn |"))
     assert "| not by 2000 | - | 0.250 (0.200-0.300) at 2000 |" in dn and "| 2500 (0.80) |" in dn
+    official = next(line for line in text.splitlines() if line.startswith("| detr, official code"))
+    assert official.startswith("| detr, official code (seeds 0 1) | 2 (2000, 2000) | - |")
+    assert "| 0.300 (0.200-0.400) at 2000 (minidetr: 0.200 (0.200-0.200)) |" in official
     # the rule that ends a variant's run: its mean passes DETR's AP (at 1525 here), or never
     smca_curves = [long_race.curve_of(tmp_path / "runs", "smca", s) for s in (0, 1)]
     assert long_race.passed_at(smca_curves, 0.305) == pytest.approx(1525)
