@@ -9,8 +9,11 @@ which times every step, loading included), minidetr through train.py (log.txt's
 `step_time_median`, timed the same way). Per run: the median step of `--steps` optimiser
 steps, the evaluation of a `--val_images` subset afterwards (images/s, forward +
 post-processing + the COCO bookkeeping, as each side's evaluate() does it), and the peak RSS
-of the training process (os.wait4; data-loading workers are separate processes on both
-sides). The runs take turns, one at a time on one thread each (`--threads`), `--rounds`
+of the training process (os.wait4). Both sides load data with WORKERS worker processes (the
+default of the official main.py and of minidetr's presets; the harness's own default is 0,
+which would put the official side's image decoding, ~15-20 ms of a tiny step here, into its
+step and leave minidetr's in its workers), so the workers are outside the step and the RSS
+on both sides. The runs take turns, one at a time on one thread each (`--threads`), `--rounds`
 times; the table gives the median over the rounds and the ratio minidetr / official.
 
 Configurations (DIR, DIR2, PY, H as in benchmarks/official.py, whose docstring says why the
@@ -51,6 +54,8 @@ PAPER_QUERIES = {"detr": 100, "conditional": 300, "smca": 300, "dn": 300}
 PAPER_OFFICIAL = ("--transforms tiny --size 512 --num_classes 7 --batch_size 2 --backbone resnet50 "
                   "--hidden_dim 256 --nheads 8 --dim_feedforward 2048 --enc_layers 6 --dec_layers 6 "
                   "--dropout 0.1 --lr 1e-4 --lr_backbone 1e-5").split()   # explicit: SMCA's own default is R18
+# data-loading worker processes, both sides (the docstring says why it is given explicitly)
+WORKERS = 2
 PAPER_OFFICIAL_EXTRA = {"detr": [], "conditional": [], "smca": ["--dynamic_scale", "type3"],
                         "dn": ["--modelname", "dn_dab_detr", "--use_dn"]}
 
@@ -82,10 +87,11 @@ def commands(preset, variant, side, coco, folder, args):
             refs, extra = args.refs, [*PAPER_OFFICIAL, *PAPER_OFFICIAL_EXTRA[variant],
                                       "--num_queries", str(PAPER_QUERIES[variant])]
         return [args.ref_python, args.harness, "--refs", refs, name, "--coco_path", str(coco),
-                "--output_dir", str(folder), *extra, "--epochs", "1", "--max_steps", str(args.steps)]
+                "--output_dir", str(folder), *extra, "--epochs", "1", "--max_steps", str(args.steps),
+                "--num_workers", str(WORKERS)]   # after the harness's own 0: the last one counts
     argv = [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--variant", variant,
             "--coco_path", str(coco), "--num_classes", "7", "--output_dir", str(folder),
-            "--epochs", "1", "--max_steps", str(args.steps)]
+            "--epochs", "1", "--max_steps", str(args.steps), "--num_workers", str(WORKERS)]
     if preset == "paper":
         argv += [*PAPER_MINIDETR, "--num_queries", str(PAPER_QUERIES[variant])]
     if side == "minidetr_fp32":
