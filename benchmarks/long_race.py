@@ -271,6 +271,25 @@ def detr_equivalent(detr_curve, ap, at):
     return f"{hit:.0f} ({at / hit:.2f})"
 
 
+def fractions_by_horizon(curves, detr_curve, horizon, parts=(1, 2, 3, 4, 6, 8)):
+    """How a variant's fraction depends on where DETR is cut: for each cut N = horizon * k / 8,
+    DETR's mean AP at N, then the step at which each variant's mean curve first reaches it, as
+    a fraction of N. {name: [(N, DETR's AP, fraction or None)]}; None: not within the steps
+    every seed has run (a variant stops once it passes DETR's AP at the horizon, so the
+    later cuts have no answer for it)."""
+    rows = {}
+    for name, runs in curves.items():
+        if name == BASELINE or not runs:
+            continue
+        rows[name] = []
+        for k in parts:
+            n = horizon * k / 8
+            target = value_at(*detr_curve, n)
+            hit = passed_at(list(runs.values()), target)
+            rows[name].append((n, target, hit / n if hit is not None else None))
+    return rows
+
+
 def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     """Rewrite the RESULTS.md section from the runs' logs; returns (converged step, DETR's AP)."""
     official = {n: {s: c for s in official_seeds(out, n) if (c := curve_of(out, f"official_{n}", s))}
@@ -336,6 +355,16 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
                      f"{fmt_spread(theirs)} at {at} (minidetr: {fmt_spread(ours) if ours else '-'}) | | "
                      f"{detr_equivalent(detr_curve, sum(theirs) / len(theirs), at) if name != BASELINE else '-'} | |")
+    by_cut = fractions_by_horizon({n: r for n, r in curves.items() if len(r) == len(seeds)}, detr_curve,
+                                  horizon) if horizon else {}
+    if by_cut:
+        cuts = next(iter(by_cut.values()))
+        lines += ["", "The fraction against DETR cut earlier: the steps each variant needs to reach DETR's mean AP "
+                  "at step N, as a fraction of N (from the same runs; '-': not within the steps run).", "",
+                  "| variant | " + " | ".join(f"N = {n:.0f} (DETR's AP {ap:.3f})" for n, ap, _ in cuts) + " |",
+                  "|---|" + "---|" * len(cuts)]
+        lines += [f"| {name} | " + " | ".join(f"{f:.2f}" if f is not None else "-" for _, _, f in row) + " |"
+                  for name, row in by_cut.items()]
     png = plot(curves, results.parent / "long_race.png", official, target) if any(curves.values()) else None
     if png:
         lines += ["", f"![AP against step, log x]({png.name})"]

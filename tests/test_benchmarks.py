@@ -280,6 +280,14 @@ def test_long_race_report_reads_steps_and_fractions(tmp_path, monkeypatch):
     assert "| beyond DETR's 4000 |" in smca        # 0.5: more than DETR ever had
     dn = next(line for line in text.splitlines() if line.startswith("| dn |"))
     assert "| not by 2000 | - | 0.250 (0.200-0.300) at 2000 |" in dn and "| 2500 (0.80) |" in dn
+    # DETR cut earlier: its AP at N = 500, 1000, 1500, 2000, 3000, 4000 is 0.05 (from the origin),
+    # 0.1, 0.15, 0.2, 0.3, 0.305; smca's curve (0.2 per 1000 steps up to 2000) reaches the first
+    # five at N / 2 (fraction 0.50), the last at 1525 (0.38); dn (mean 0.1 at 1000, 0.25 at 2000)
+    # reaches 0.05 at 500 (1.00), 0.1 at 1000 (1.00), 0.15 at 1333 (0.89), 0.2 at 1667 (0.83),
+    # and never 0.3 within its 2000 steps
+    assert "| N = 500 (DETR's AP 0.050) | N = 1000 (DETR's AP 0.100) |" in text
+    assert "| smca | 0.50 | 0.50 | 0.50 | 0.50 | 0.50 | 0.38 |" in text
+    assert "| dn | 1.00 | 1.00 | 0.89 | 0.83 | - | - |" in text
     official = next(line for line in text.splitlines() if line.startswith("| detr, official code"))
     assert official.startswith("| detr, official code (seeds 0 1) | 2 (2000, 2000) | - |")
     assert "| 0.300 (0.200-0.400) at 2000 (minidetr: 0.200 (0.200-0.200)) |" in official
