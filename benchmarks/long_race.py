@@ -383,6 +383,13 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     return n_star, target
 
 
+def mean_band(runs):
+    """{seed: curve} -> (steps, mean AP, min AP, max AP) up to the step every seed has reached."""
+    steps, mean = mean_curve(list(runs.values()), min(c[-1][0] for c in runs.values()))
+    per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
+    return steps, mean, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)]
+
+
 def plot(curves, out_png, official=None, detr_ap=None):
     """AP against step on a log x axis: mean per variant with min-max bands; official dashed
     (mean over its seeds, with a lighter band);
@@ -397,21 +404,16 @@ def plot(curves, out_png, official=None, detr_ap=None):
     for name, runs in curves.items():
         if not runs:
             continue
-        upto = min(c[-1][0] for c in runs.values())
-        steps, mean = mean_curve(list(runs.values()), upto)
-        per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
+        steps, mean, low, high = mean_band(runs)
         line, = ax.plot(steps, mean, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
-                        color=line.get_color(), alpha=0.2)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
         theirs = (official or {}).get(name)
         if theirs:
-            steps, mean = mean_curve(list(theirs.values()), min(c[-1][0] for c in theirs.values()))
-            per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in theirs.values()]
+            steps, mean, low, high = mean_band(theirs)
             ax.plot(steps, mean, ls="--", color=line.get_color(),
                     label=f"{name}, official code ({len(theirs)} seed{'s' * (len(theirs) > 1)})")
             if len(theirs) > 1:
-                ax.fill_between(steps, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)],
-                                color=line.get_color(), alpha=0.08, hatch="//")
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.08, hatch="//")
     if detr_ap is not None:
         ax.axhline(detr_ap, color="grey", ls=":", lw=0.8, label="DETR's AP to reach")
     ax.set_xscale("log")
