@@ -200,6 +200,11 @@ def value_at(steps, values, at):
     return float(np.interp(at, [0, *steps], [0.0, *values]))
 
 
+def curve_at(curve, at, column=1):
+    """value_at for a run's curve [(step, AP, AP50, AP75)]: column 1 is AP, 2 AP50, 3 AP75."""
+    return value_at([r[0] for r in curve], [r[column] for r in curve], at)
+
+
 def steps_to_reach(steps, values, target):
     """First step at which the interpolated curve (0, 0), (steps, values) reaches `target`; None if never."""
     xs, ys = [0, *steps], [0.0, *values]
@@ -336,7 +341,7 @@ def render(found, metas, args, budget, command):
              "| variant | metric | 25% | 50% | 100% |", "|---|---|---|---|---|"]
     for name, runs in found.items():
         for metric, i in METRICS.items():
-            cells = [fmt_spread([value_at([r[0] for r in c], [r[1 + i] for r in c], f * n)
+            cells = [fmt_spread([curve_at(c, f * n, 1 + i)
                                  for c in runs.values()]) for f in FRACTIONS]
             label = name if len(runs) == len(seeds) else f"{name} ({len(runs)} of {len(seeds)} seeds)"
             lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
@@ -367,7 +372,7 @@ def render(found, metas, args, budget, command):
 def mean_curve(runs):
     """Mean AP over seeds at every step any seed was evaluated at: (steps, AP values)."""
     steps = sorted({r[0] for c in runs.values() for r in c})
-    return steps, [sum(value_at([r[0] for r in c], [r[1] for r in c], s) for c in runs.values()) / len(runs)
+    return steps, [sum(curve_at(c, s) for c in runs.values()) / len(runs)
                    for s in steps]
 
 
@@ -401,7 +406,7 @@ def plot(found, out_png, budget):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, runs in found.items():
         steps = sorted({r[0] for c in runs.values() for r in c})
-        per_seed = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
+        per_seed = [[curve_at(c, s) for s in steps] for c in runs.values()]
         mean = [sum(v) / len(v) for v in zip(*per_seed)]
         label = f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})"
         line, = ax.plot([0, *steps], [0.0, *mean], marker=".", label=label)

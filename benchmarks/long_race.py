@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from convergence import (fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
+from convergence import (curve_at, fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
                          save_ap_plot, settings_diff, steps_to_reach, update_section, value_at)
 
 # name -> the variant's flags; queries are set by QUERIES
@@ -109,7 +109,7 @@ def mean_curve(curves, upto):
     (convergence.mean_curve takes every step any seed has, extending the shorter curves flat:
     right for finished runs of one budget, wrong for runs still under way.)"""
     common = sorted(set.intersection(*[{r[0] for r in c if r[0] <= upto} for c in curves]))
-    return common, [sum(value_at([r[0] for r in c], [r[1] for r in c], s) for c in curves) / len(curves)
+    return common, [sum(curve_at(c, s) for c in curves) / len(curves)
                     for s in common]
 
 
@@ -336,8 +336,8 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
                  f"not by {upto}" if len(runs) == len(seeds) and target is not None else "-")
         frac = f"{hit / horizon:.2f} ({horizon / hit:.1f}x fewer)" if hit else "-"
         at = min(upto, horizon) if horizon else upto
-        aps = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()]
-        ap, ap50 = fmt_spread(aps), fmt_spread([value_at([r[0] for r in c], [r[2] for r in c], at) for c in runs.values()])
+        aps = [curve_at(c, at) for c in runs.values()]
+        ap, ap50 = fmt_spread(aps), fmt_spread([curve_at(c, at, 2) for c in runs.values()])
         done = ", ".join(str(c[-1][0]) for c in runs.values())
         lines.append(f"| {name} | {len(runs)} ({done}) | {reach} | {frac} | {ap} at {at} | {ap50} | "
                      f"{detr_equivalent(detr_curve, sum(aps) / len(aps), at) if name != BASELINE else '-'} | {PAPER[name]} |")
@@ -346,10 +346,10 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
             continue
         upto = min(c[-1][0] for c in runs.values())
         at = min(horizon or upto, upto)
-        ours = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in curves.get(name, {}).values()
+        ours = [curve_at(c, at) for c in curves.get(name, {}).values()
                 if c[-1][0] >= at]
         hit = passed_at(list(runs.values()), target)
-        theirs = [value_at([r[0] for r in c], [r[1] for r in c], at) for c in runs.values()]
+        theirs = [curve_at(c, at) for c in runs.values()]
         lines.append(f"| {name}, official code (seed{'s' * (len(runs) > 1)} {' '.join(map(str, runs))}) | "
                      f"{len(runs)} ({', '.join(str(c[-1][0]) for c in runs.values())}) | "
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
@@ -386,7 +386,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
 def mean_band(runs):
     """{seed: curve} -> (steps, mean AP, min AP, max AP) up to the step every seed has reached."""
     steps, mean = mean_curve(list(runs.values()), min(c[-1][0] for c in runs.values()))
-    per = [[value_at([r[0] for r in c], [r[1] for r in c], s) for s in steps] for c in runs.values()]
+    per = [[curve_at(c, s) for s in steps] for c in runs.values()]
     return steps, mean, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)]
 
 
