@@ -2,8 +2,10 @@
 CocoDetection on broken inputs, whose errors must name the file and the id. The shapes
 generator's tests are in test_shapes.py.
 """
+import io
 import json
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -141,6 +143,52 @@ def test_collate_pads_bottom_right_and_masks_padding():
     assert torch.equal(images[:, 0], torch.where(expected_mask, 0.0, fill))
     assert [t['id'] for t in targets] == [0, 1]
     assert torch.equal(nested_pad([a])[0][0], a)
+
+
+class _NoTorchUnpickler(pickle.Unpickler):
+    """Refuses every torch global: the one way a tensor could ride along (torch's reducers)."""
+    def find_class(self, module, name):
+        if module.split('.')[0] == 'torch':
+            raise pickle.UnpicklingError(f'a torch object travels: {module}.{name}')
+        return super().find_class(module, name)
+
+
+def test_targets_cross_processes_as_arrays_and_arrive_as_equal_tensors():
+    """A worker's batch is pickled with ForkingPickler, which would put every tensor in a
+    shared-memory file of its own; the targets must travel as plain arrays and come back
+    equal: same keys, dtypes and values, non-tensors untouched, a bf16 tensor kept."""
+    from multiprocessing.reduction import ForkingPickler
+    targets = [_target([[1, 2, 5, 6], [0, 0, 3, 3]]), _target([])]
+    targets[0]['orig_size'] = torch.tensor([30, 40])
+    _, _, batch = collate_fn([(torch.zeros(3, 4, 4), targets[0]), (torch.zeros(3, 2, 2), targets[1])])
+    data = bytes(ForkingPickler.dumps(batch))
+    _NoTorchUnpickler(io.BytesIO(data)).load()      # raises if any tensor was pickled as one
+    arrived = pickle.loads(data)
+    assert isinstance(arrived, list) and len(arrived) == 2
+    for sent, got in zip(targets, arrived):
+        assert got.keys() == sent.keys() and got['image_id'] == 7
+        for key, value in sent.items():
+            if torch.is_tensor(value):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    weights = torch.tensor([0.5, 2.0], dtype=torch.bfloat16)            # numpy has no bf16
+    _, _, batch = collate_fn([(torch.zeros(3, 2, 2), {'w': weights})])
+    assert torch.equal(pickle.loads(bytes(ForkingPickler.dumps(batch)))[0]['w'], weights)
+
+
+def test_loader_workers_deliver_the_datasets_own_targets(tmp_path):
+    """Through a DataLoader with 2 worker processes, each target equals dataset[i]'s."""
+    images = [{'id': i, 'file_name': f'{i}.png', 'width': 40, 'height': 30} for i in (1, 2, 3)]
+    folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5], area=25, iscrowd=0),
+                                    _ann(2, [2, 3, 9, 9], category_id=3, image_id=3, area=81, iscrowd=0)],
+                                   images=images)
+    dataset = CocoDetection(folder, ann_file)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_fn, num_workers=2)
+    (_, _, targets), = list(loader)
+    for i, got in enumerate(targets):
+        expected = dataset[i][1]
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value
 
 
 # ---- CocoDetection on broken inputs ----
