@@ -27,6 +27,7 @@ from minidetr.check import check_before_training, split_files
 from minidetr.checkpoint import is_official_checkpoint, load_safely, rng_state, save_atomic, set_rng_state
 from minidetr.data import (CocoDetection, collate_fn, default_shapes_root, make_shapes_dataset,
                            make_transforms)
+from minidetr.optim import AdamW, StepDrop
 
 
 class DataError(RuntimeError):
@@ -47,15 +48,14 @@ class DataError(RuntimeError):
 # ---- optimiser (DETR: AdamW, two learning rates, step drop) ----
 
 def build_optimizer(model, cfg):
-    """AdamW with the backbone at lr_backbone and everything else at lr; StepLR at lr_drop."""
+    """AdamW with the backbone at lr_backbone and everything else at lr; x0.1 at lr_drop epochs."""
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     groups = [{"params": rest, "lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr_backbone})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
-    return optimizer, scheduler
+    optimizer = AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)   # torch's update, minidetr/optim.py
+    return optimizer, StepDrop(optimizer, cfg.lr_drop)
 
 
 # ---- datasets ----
