@@ -131,3 +131,26 @@ print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[]", "['sympy', 'torch._dynamo']"], out
+
+
+def test_a_grad_scaler_drives_it_as_it_drives_torchs():
+    """--amp fp16's path (train.py: scale, backward, unscale_, clip, step, update) with an
+    overflow on the second step, which the scaler must skip: equal to torch.optim.AdamW's."""
+    rest, backbone = _two_groups()
+    ours_params = _clone(rest + backbone)
+    sides = [(torch.optim.AdamW(_groups(rest, backbone), lr=1e-2, weight_decay=0.1), rest + backbone),
+             (AdamW(_groups(ours_params[:2], ours_params[2:]), lr=1e-2, weight_decay=0.1), ours_params)]
+    for optimizer, params in sides:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for step in range(4):
+            optimizer.zero_grad(set_to_none=True)
+            loss = sum((p * (step + 1)).sum() for p in params) * (float("inf") if step == 1 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 0.1)
+            scaler.step(optimizer)
+            scaler.update()
+        assert scaler.get_scale() == 2.0 ** 9    # halved once, at the overflow
+    for a, b in zip(rest + backbone, ours_params):
+        assert torch.equal(a, b)
+    assert all(float(s["step"]) == 3 for s in sides[1][0].state.values())   # the overflow skipped
