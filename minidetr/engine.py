@@ -48,7 +48,7 @@ class DataError(RuntimeError):
 # ---- optimiser (DETR: AdamW, two learning rates, step drop) ----
 
 def build_optimizer(model, cfg):
-    """AdamW with the backbone at lr_backbone and everything else at lr; x0.1 at lr_drop epochs."""
+    """AdamW with the backbone at lr_backbone and everything else at lr; x0.1 every lr_drop epochs."""
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     groups = [{"params": rest, "lr": cfg.lr}]

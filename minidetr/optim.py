@@ -1,4 +1,4 @@
-"""DETR's optimiser: AdamW with two learning rates, dropped 10x at `lr_drop` epochs.
+"""DETR's optimiser: AdamW with two learning rates, dropped 10x every `lr_drop` epochs.
 
 AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019), for a
 parameter p with gradient g at step t (DETR: beta1 0.9, beta2 0.999, eps 1e-8, weight
@@ -11,7 +11,7 @@ decay 1e-4; lr 1e-4 for the transformer, 1e-5 for the backbone):
 
 Why not torch.optim.AdamW itself: constructing any torch.optim optimiser imports torch's
 compiler (torch._dynamo, with sympy) to wrap the optimiser's methods, ~70 MiB of the
-training process (a tiny run peaks at ~500 MiB) for a compiler this loop never calls. So
+training process (a tiny run peaks at 460-560 MiB) for a compiler this loop never calls. So
 the class here keeps the parameter groups and the state, and the update is torch's own
 function, torch.optim.adamw.adamw, the one torch.optim.AdamW.step runs, given the same
 state and settings: the parameters come out bit for bit the same (tests/test_optim.py).
