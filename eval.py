@@ -118,8 +118,12 @@ def draw(args, cfg, model, postprocess, device):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.plot_logs:
-        from minidetr.draw import plot_logs
-        print("wrote", plot_logs(args.plot_logs, args.out or "curves.png"))
+        from minidetr.draw import plot_logs, prepare_output
+        try:
+            prepare_output(args.out or "curves.png", plot=True)
+            print("wrote", plot_logs(args.plot_logs, args.out or "curves.png"))
+        except ValueError as err:
+            sys.exit(f"error: {err}")
         return None
     if not args.resume:
         sys.exit("error: --resume CHECKPOINT is required (or --plot-logs)")
@@ -129,12 +133,21 @@ def main(argv=None):
         sys.exit("error: --image needs --out PNG")
     if args.image and not os.path.isfile(args.image):
         sys.exit(f"error: --image {args.image} does not exist")
+    if args.image:
+        from minidetr.draw import prepare_output
+        try:
+            prepare_output(args.out)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
     try:
         cfg, model, criterion, postprocess = load_model(args.resume, overrides, device, args.variant)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     if args.image:
-        draw(args, cfg, model, postprocess, device)
+        try:
+            draw(args, cfg, model, postprocess, device)
+        except OSError as err:   # an image PIL cannot decode, named by open_rgb
+            sys.exit(f"error: {err}")
         print("wrote", args.out)
         return None
     cfg = dataclasses.replace(cfg, num_workers=args.num_workers, eval=True)

@@ -224,10 +224,14 @@ def _objects_per_image(data):
     return per_image
 
 
-def _open_rgb(path, image_id):
-    """Decode an image fully now (so truncation shows here) and convert it to RGB."""
+def open_rgb(path, what):
+    """Decode an image fully now (so truncation shows here) and convert it to RGB.
+
+    what: how the errors name the image ('image id 7', '--image'). PIL reports a file it
+    cannot decode as OSError, SyntaxError or ValueError by format; all become one OSError.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image id {image_id}: file not found: {path}")
+        raise FileNotFoundError(f"{what}: file not found: {path}")
     try:
         with Image.open(path) as image:
             image.load()
@@ -235,7 +239,7 @@ def _open_rgb(path, image_id):
                 image = image.convert('RGBA')  # PIL's advice for palette + transparency
             return image.convert('RGB')
     except (OSError, SyntaxError, ValueError) as e:
-        raise OSError(f"image id {image_id}: cannot read {path}: {e}") from e
+        raise OSError(f"{what}: cannot read {path}: {e}") from e
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -294,7 +298,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image_id = self.ids[index]
         path = os.path.join(self.img_folder, self.coco.imgs[image_id]['file_name'])
-        image = _open_rgb(path, image_id)
+        image = open_rgb(path, f"image id {image_id}")
         return self.transforms(image, self._raw_target(image_id, image))
 
 

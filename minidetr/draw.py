@@ -11,6 +11,7 @@
 """
 import contextlib
 import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
 
-from minidetr.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToTensor
+from minidetr.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToTensor, open_rgb
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
@@ -27,8 +28,10 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 # ---- input ----
 
 def load_image(path, image_size):
-    """PIL image file -> (RGB PIL image, tensor [1, 3, H, W] normalised, mask [1, H, W])."""
-    image = Image.open(path).convert("RGB")
+    """PIL image file -> (RGB PIL image, tensor [1, 3, H, W] normalised, mask [1, H, W]).
+
+    A missing or undecodable file raises FileNotFoundError / OSError naming it."""
+    image = open_rgb(path, "--image")
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
               "area": torch.zeros(0), "iscrowd": torch.zeros(0, dtype=torch.int64)}
     resized, _ = RandomResize([image_size], max_size=int(image_size * 1333 / 800))(image, dict(target))
@@ -158,8 +161,7 @@ def draw_attention(image, maps, result, query_ids, category_names=None, valid_hw
 
 # ---- training curves ----
 
-def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
-    """Plot train/test loss and COCO AP against epoch for one or several log.txt files."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -167,20 +169,81 @@ def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib "
                          "(or pip install 'minidetr[plot]')") from None
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for path in log_files:
+    return plt
+
+
+def prepare_output(path, plot=False):
+    """Check an --out path before any work is done for it, and create its folder.
+
+    The writer (PIL for drawings, matplotlib for plots) picks the format from the extension,
+    and would refuse an unknown one only at the end. Raises ValueError saying what to pass.
+    """
+    ext = os.path.splitext(str(path))[1].lower()
+    if plot:
+        _pyplot()
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        known = {"." + e for e in FigureCanvasAgg.get_supported_filetypes()}
+    else:
+        known = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if ext not in known:
+        raise ValueError(f"--out {path}: {f'the extension {ext}' if ext else 'a name without an extension'}"
+                         f" names no image format {'matplotlib' if plot else 'PIL'} writes; end it in .png")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {path}: cannot create its folder: {err.strerror}") from None
+
+
+def read_log(path):
+    """A train.py (or official DETR) log.txt -> its rows, one dict per evaluated epoch.
+
+    Raises ValueError naming the file and line when it is not such a log."""
+    try:
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read log {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; --plot-logs reads the log.txt train.py "
+                         f"writes in --output_dir") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object; --plot-logs reads the "
+                             f"log.txt train.py writes in --output_dir (one JSON object per epoch)")
+        rows.append(row)
+    if rows and not any("train_loss" in r or "test_coco_eval_bbox" in r for r in rows):
+        raise ValueError(f"{path}: no line has train_loss or test_coco_eval_bbox; "
+                         f"--plot-logs reads the log.txt train.py writes in --output_dir")
+    return rows
+
+
+def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
+    """Plot train/test loss and COCO AP against epoch for one or several log.txt files.
+
+    A file with no lines yet (a run in its first epoch) is left out; a line without a key
+    (a log from other code) leaves a gap in that curve."""
+    plt = _pyplot()
+    logs = [(path, read_log(path)) for path in log_files]   # every file read before plotting
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for path, rows in logs:
         if not rows:
             continue
         epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
         for ax, key in zip(np.atleast_1d(axes), keys):
             if key == "loss":
-                ax.plot(epochs, [r.get("train_loss") for r in rows], label=f"{path} train")
-                ax.plot(epochs, [r.get("test_loss") for r in rows], "--", label=f"{path} test")
+                ax.plot(epochs, [r.get("train_loss", np.nan) for r in rows], label=f"{path} train")
+                ax.plot(epochs, [r.get("test_loss", np.nan) for r in rows], "--", label=f"{path} test")
             else:
                 i = ("AP", "AP50", "AP75").index(key)
-                ax.plot(epochs, [r["test_coco_eval_bbox"][i] for r in rows], label=str(path))
+                ax.plot(epochs, [r["test_coco_eval_bbox"][i] if "test_coco_eval_bbox" in r else np.nan
+                                 for r in rows], label=str(path))
             ax.set_title(key)
             ax.set_xlabel("epoch")
     np.atleast_1d(axes)[0].legend(fontsize=7)

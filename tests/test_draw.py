@@ -131,6 +131,23 @@ def test_plot_logs_writes_a_png(tmp_path):
     Image.open(tmp_path / "c.png").verify()
 
 
+def test_read_log_names_what_is_wrong_and_plot_leaves_gaps(tmp_path):
+    """A json that is not a training log is refused with its name; a log whose lines lack a
+    key (another codebase's, or one that started without evaluation) still plots."""
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(ValueError, match=f"{coco}: no line has train_loss or test_coco_eval_bbox"):
+        draw.read_log(coco)
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join([json.dumps({"epoch": 0, "train_loss": 3.0}),
+                              json.dumps({"epoch": 1, "train_loss": 2.0, "test_coco_eval_bbox": [0.2] * 12}),
+                              ""]))
+    assert [r["epoch"] for r in draw.read_log(log)] == [0, 1]
+    (tmp_path / "empty.txt").write_text("")
+    draw.plot_logs([log, tmp_path / "empty.txt"], tmp_path / "c.png")
+    Image.open(tmp_path / "c.png").verify()
+
+
 def test_plot_logs_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     """matplotlib is optional: without it plotting stops with the pip command, not an ImportError."""
     import builtins

@@ -114,6 +114,32 @@ def test_eval_script_mistakes_are_one_line(tmp_path):
                           "--out", str(tmp_path / "o.png")])
 
 
+def test_eval_script_bad_outputs_and_images_are_one_line(tmp_path):
+    """--out is checked before the model is loaded (an extension no writer knows; a missing
+    folder is created); an image PIL cannot decode and a file that is not a log are named."""
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    none = str(tmp_path / "none.pth")          # never read: the --out check comes first
+    with pytest.raises(SystemExit, match=r"--out .*o\.pngx: the extension \.pngx names no image format PIL"):
+        eval_script.main(["--resume", none, "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.pngx")])
+    with pytest.raises(SystemExit, match="a name without an extension"):
+        eval_script.main(["--resume", none, "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    untrained_checkpoint(tmp_path / "ckpt.pth")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(SystemExit, match=f"error: --image: cannot read {tmp_path / 'broken.jpg'}"):
+        eval_script.main(["--resume", str(tmp_path / "ckpt.pth"), "--image", str(tmp_path / "broken.jpg"),
+                          "--out", str(tmp_path / "o.png")])
+    eval_script.main(["--resume", str(tmp_path / "ckpt.pth"), "--image", str(tmp_path / "a.png"),
+                      "--out", str(tmp_path / "new" / "dir" / "o.png")])
+    assert Image.open(tmp_path / "new" / "dir" / "o.png").size == (40, 30)
+    (tmp_path / "notes.txt").write_text('{"epoch": 0, "train_loss": 1.0}\nnot json\n')
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'notes.txt'}, line 2: not a JSON object"):
+        eval_script.main(["--plot-logs", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "c.png")])
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'broken.jpg'}: not a text file"):
+        eval_script.main(["--plot-logs", str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "c.png")])
+    with pytest.raises(SystemExit, match=f"error: cannot read log {tmp_path / 'gone.txt'}: No such file"):
+        eval_script.main(["--plot-logs", str(tmp_path / "gone.txt"), "--out", str(tmp_path / "c.png")])
+
+
 # ---- eval.py on files from elsewhere: another version's checkpoint, a broken val split ----
 
 def untrained_checkpoint(path):
