@@ -370,10 +370,14 @@ def check_overlap(train, val):
 
 def check_splits(files, pixels=False, show_progress=True):
     """files {split: (json_file, image_folder)} -> ({split: data}, findings), overlap included."""
-    data, findings = {}, []
+    data, findings, checked = {}, [], {}
     for split, (json_file, image_folder) in files.items():
+        if (json_file, image_folder) in checked:   # one file for two splits: its findings once
+            data[split] = data[checked[json_file, image_folder]]
+            continue
         data[split], found = check_split(json_file, image_folder, pixels, show_progress)
         findings += found
+        checked[json_file, image_folder] = split
     if data.get("train") is not None and data.get("val") is not None:
         findings += check_overlap((*files["train"], data["train"]), (*files["val"], data["val"]))
     return data, findings

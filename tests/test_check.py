@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from minidetr.check import (ERROR, KINDS, WARNING, DatasetError, box_fate, check_before_training,
-                            check_split, main)
+                            check_split, check_splits, main)
 
 W, H = 40, 30
 BASE = {
@@ -207,6 +207,22 @@ def test_both_splits_errors_reported_together(tmp_path, capsys):
     assert [img["id"] for img in data["train"]["images"]] == [1, 2]
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "1 unused category" in err and len(err.splitlines()) == 1
+
+
+def test_one_file_for_both_splits_is_reported_once(tmp_path):
+    """train and val given the same json and folder: its error once (not once per split), and
+    every val image is a train image (the overlap warning names both of them)."""
+    write_split(tmp_path, with_("annotations", ann(30, category_id=7)))
+    files = {s: (str(tmp_path / "ann.json"), str(tmp_path / "img")) for s in ("train", "val")}
+    with pytest.raises(DatasetError) as exc:
+        check_before_training(files)
+    assert [(f.kind, f.image_id, f.ann_id) for f in exc.value.findings] == [("unknown category", 1, 30)]
+    write_split(tmp_path / "ok")
+    files = {s: (str(tmp_path / "ok" / "ann.json"), str(tmp_path / "ok" / "img")) for s in ("train", "val")}
+    data, findings = check_splits(files)
+    assert data["train"]["images"] == data["val"]["images"]
+    assert planted(findings, "train/val overlap") == [(1, None), (2, None)]
+    assert [f.kind for f in findings if f.kind != "train/val overlap"] == []
 
 
 def test_examples_are_capped_with_a_count(tmp_path, capsys):
