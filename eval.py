@@ -150,8 +150,8 @@ def main(argv=None):
             sys.exit(f"error: {err}")
         print("wrote", args.out)
         return None
-    cfg = dataclasses.replace(cfg, num_workers=args.num_workers, eval=True)
     try:
+        cfg = dataclasses.replace(cfg, num_workers=args.num_workers, eval=True).validate()
         _, val_set = build_datasets(cfg)
         fit_num_classes(cfg, (val_set,), num_classes_given=True)   # the checkpoint's classes fit?
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -149,10 +149,42 @@ class Config:
             raise ValueError(f"--backbone_stage must be layer1..layer4, not {self.backbone_stage!r}")
         if self.position_embedding != "sine":
             raise ValueError("only --position_embedding sine is implemented")
+        # a number out of range fails deep inside (a division by zero, an empty top-k, a
+        # negative resize) or trains silently wrong (a negative learning rate): name the flag
+        for name, low in RANGES.items():
+            value = getattr(self, name)
+            if not value >= low:   # also catches NaN
+                raise ValueError(f"--{name} must be >= {low}, not {value}"
+                                 + (f" ({RANGE_WHY[name]})" if name in RANGE_WHY else ""))
+        for name in ("lr", "smooth", "pe_temperature", "eos_coef"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, not {getattr(self, name)}")
+        for name in ("eos_coef",) + (("focal_alpha",) if self.focal_alpha is not None else ()):
+            if not getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be <= 1, not {getattr(self, name)}")
+        if not self.dropout < 1:
+            raise ValueError(f"--dropout must be < 1, not {self.dropout} (1 drops every activation)")
         return self
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+# the lowest value each number may take (Config.validate); lr_backbone may be anything
+# (<= 0 freezes the backbone), seed too
+RANGES = dict(
+    batch_size=1, epochs=1, lr_drop=1, eval_every=1, keep_checkpoints=1, num_classes=1,
+    hidden_dim=1, nheads=1, dim_feedforward=1, dec_layers=1, num_queries=1, num_select=1,
+    scalar=1, image_size=32, shapes_train=1, shapes_val=1,
+    enc_layers=0, num_workers=0, max_steps=0, log_every=0, start_epoch=0,
+    weight_decay=0.0, clip_max_norm=0.0, dropout=0.0, giou_eps=0.0,
+    set_cost_class=0.0, set_cost_bbox=0.0, set_cost_giou=0.0,
+    cls_loss_coef=0.0, bbox_loss_coef=0.0, giou_loss_coef=0.0,
+    label_noise_scale=0.0, box_noise_scale=0.0,
+)
+RANGE_WHY = dict(image_size="the ResNet's last stage has stride 32, and training jitters the size below it",
+                 enc_layers="0 is DETR's ablation without an encoder",
+                 max_steps="0: no limit", log_every="0: only per epoch")
 
 
 # ---- per-variant defaults: each paper's training recipe ----

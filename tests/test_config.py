@@ -49,3 +49,26 @@ def test_errors_name_the_problem():
         Config.for_variant("smca", smca_scale="type3")
     with pytest.raises(ValueError, match="backbone_stage"):
         Config.for_variant("detr", backbone_stage="layer5")
+
+
+@pytest.mark.parametrize("flag, bad", [
+    ("batch_size", "0"), ("epochs", "0"), ("lr_drop", "0"), ("eval_every", "0"), ("num_queries", "0"),
+    ("num_select", "0"), ("dec_layers", "0"), ("hidden_dim", "0"), ("image_size", "31"),
+    ("enc_layers", "-1"), ("num_workers", "-1"), ("max_steps", "-5"), ("lr", "0"), ("lr", "-0.0001"),
+    ("lr", "nan"), ("weight_decay", "-1"), ("dropout", "1"), ("dropout", "-0.1"), ("clip_max_norm", "-1"),
+    ("bbox_loss_coef", "-5"), ("eos_coef", "0"), ("eos_coef", "1.5"), ("focal_alpha", "2"),
+    ("keep_checkpoints", "0"), ("smooth", "0"), ("box_noise_scale", "-0.4"), ("scalar", "0")])
+def test_numbers_out_of_range_name_their_flag(flag, bad):
+    """Each out-of-range number stops at the door naming its flag and value (they used to fail
+    deep inside: --batch_size 0 divided by zero, --num_workers -1 in the DataLoader), while
+    --num_queries 0 and --lr -1 trained without a word."""
+    with pytest.raises(ValueError, match=f"^--{flag} must be"):
+        parse("--variant", "conditional", f"--{flag}", bad)
+
+
+def test_numbers_at_their_limits_are_accepted():
+    """The edges that mean something: no encoder (DETR's ablation), no step limit, a frozen
+    backbone (lr_backbone <= 0), no clipping, no dropout, a 32-px image."""
+    cfg = parse("--variant", "dn", "--enc_layers", "0", "--max_steps", "0", "--lr_backbone", "-1",
+                "--clip_max_norm", "0", "--dropout", "0", "--image_size", "32", "--log_every", "0")
+    assert (cfg.enc_layers, cfg.image_size, cfg.lr_backbone) == (0, 32, -1)
