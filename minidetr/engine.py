@@ -299,6 +299,9 @@ class TrainingProgress:
             if distributed.is_main_process():
                 print(f"nothing to train: the checkpoint is at step {self.global_step}, "
                       f"--max_steps is {cfg.max_steps}")
+        elif epoch >= cfg.epochs and distributed.is_main_process():   # resumed a finished run
+            print(f"nothing to train: the checkpoint has done {epoch} epochs and --epochs is "
+                  f"{cfg.epochs} (a larger --epochs trains on)")
 
     def __enter__(self):
         self.stop.__enter__()

@@ -119,6 +119,14 @@ def test_resume_at_max_steps_trains_no_further(tmp_path):
     assert_same_state(before, after)
 
 
+def test_resume_of_a_finished_run_says_so(straight_dn, capsys):
+    """A checkpoint that has done --epochs: resuming trains nothing and says why (it was silent)."""
+    ckpt = str(straight_dn / "checkpoint.pth")
+    train.main(DN + ["--resume", ckpt])
+    assert "nothing to train: the checkpoint has done 2 epochs and --epochs is 2" in capsys.readouterr().out
+    assert load(ckpt)["epoch"] == 2
+
+
 def test_sigint_saves_returns_cleanly_and_resume_equals_straight_run(tmp_path, monkeypatch, straight_dn):
     """dn: SIGINT during epoch 0's last step -> the step finishes, checkpoint (epoch 1, step 0)
     before that epoch's evaluation, main returns normally with the signal handlers restored;
