@@ -43,6 +43,14 @@ def load_safely(path, map_location="cpu"):
     """torch.load with weights_only=True, argparse.Namespace allowed; clear errors otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (b"PK\x03\x04"), or before torch 1.6 a pickle (b"\x80")
+    if not head:
+        raise ValueError(f"{path!r} is empty (0 bytes): not a checkpoint")
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ValueError(f"{path!r} is not a checkpoint: torch.save writes a zip archive "
+                         f"(or, before torch 1.6, a pickle), and this file starts with {head!r}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)

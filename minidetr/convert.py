@@ -326,7 +326,13 @@ def main(argv=None):
     p.add_argument("--nheads", type=int, help="attention heads (likewise: not in the weights)")
     opt = p.parse_args(argv)
     overrides = {k: v for k, v in (("dilation", opt.dilation), ("nheads", opt.nheads)) if v is not None}
-    ckpt = load_safely(opt.src)
+    try:
+        ckpt = load_safely(opt.src)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    if isinstance(ckpt, dict) and "config" in ckpt:
+        sys.exit(f"error: {opt.src} is already a minidetr checkpoint (variant "
+                 f"{ckpt['config'].get('variant')!r}): train.py and eval.py load it as it is")
     try:
         cfg, state_dict = convert_file(ckpt, opt.variant, **overrides)
     except ValueError as err:

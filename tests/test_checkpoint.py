@@ -35,6 +35,19 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_safely(str(tmp_path / "nope.pth"))
 
 
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    """Text and empty files are named as not checkpoints (the text one used to be reported as
+    needing pickled code); torch.save's pre-1.6 pickle format still loads."""
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(ValueError, match="notes.pth' is not a checkpoint: .* starts with b'hell'"):
+        load_safely(str(tmp_path / "notes.pth"))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pth' is empty \(0 bytes\)"):
+        load_safely(str(tmp_path / "empty.pth"))
+    torch.save({"w": torch.arange(4)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_safely(str(tmp_path / "legacy.pth"))["w"], torch.arange(4))
+
+
 def test_rng_state_survives_a_checkpoint(tmp_path):
     """Draws after restoring a saved state equal the draws right after saving it."""
     torch.manual_seed(3), random.seed(3), np.random.seed(3)

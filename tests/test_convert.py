@@ -18,7 +18,7 @@ from torch import nn
 
 from minidetr import Config, build
 from minidetr.backbone import Backbone
-from minidetr.checkpoint import load_safely
+from minidetr.checkpoint import load_safely, save_atomic
 from minidetr.convert import (config_from_official_args, convert_official_checkpoint,
                               infer_official_args, main as convert_main, rename)
 from minidetr.transformer import MultiheadAttention
@@ -307,6 +307,17 @@ def test_command_line_writes_a_loadable_minidetr_checkpoint(tmp_path):
     model = build(Config(**ckpt["config"]))[0]
     model.load_state_dict(ckpt["model"], strict=True)
     assert torch.equal(model.decoder.layers[1].offset_head.weight, sd["transformer.decoder.layers.1.point2.weight"])
+
+
+def test_command_line_mistakes_are_one_line(tmp_path):
+    """A missing --src, and a minidetr checkpoint given as an official one, stop with one
+    'error:' line (the first was a traceback, the second blamed the backbone's shape)."""
+    with pytest.raises(SystemExit, match="error: checkpoint .*none.pth' does not exist"):
+        convert_main(["--variant", "detr", "--src", str(tmp_path / "none.pth"), "--dst", str(tmp_path / "o.pth")])
+    save_atomic({"model": {}, "config": Config.for_variant("dn", "tiny").to_dict()}, tmp_path / "ours.pth")
+    with pytest.raises(SystemExit, match="is already a minidetr checkpoint \\(variant 'dn'\\)"):
+        convert_main(["--variant", "conditional", "--src", str(tmp_path / "ours.pth"), "--dst", str(tmp_path / "o.pth")])
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_eval_converts_an_official_file_on_load(tmp_path):
