@@ -237,9 +237,25 @@ def open_rgb(path, what):
             image.load()
             if image.mode == 'P' and 'transparency' in image.info:
                 image = image.convert('RGBA')  # PIL's advice for palette + transparency
+            if image.mode.startswith('I') or image.mode == 'F':
+                image = _grey_to_8_bits(image)
             return image.convert('RGB')
     except (OSError, SyntaxError, ValueError) as e:
         raise OSError(f"{what}: cannot read {path}: {e}") from e
+
+
+def _grey_to_8_bits(image):
+    """A 16-bit grey image (PIL mode I;16*, or I from older Pillows' PNGs) -> mode L.
+
+    PIL's convert('RGB') clips these at 255: a 16-bit image comes out nearly all white, and
+    a model would train on it without a word. The type's range 0..65535 maps onto 0..255
+    instead. Values outside it (32-bit integer or float pixels) have no range to map from.
+    """
+    pixels = np.asarray(image)
+    if image.mode == 'F' or pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"{image.mode} pixels ({pixels.dtype}, {pixels.min()}..{pixels.max()}) have "
+                         f"no fixed range to map onto 8 bits; save the image as 8- or 16-bit")
+    return Image.fromarray(np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8), 'L')
 
 
 class CocoDetection(torch.utils.data.Dataset):

@@ -316,3 +316,22 @@ def test_build_dataset_coco_layout(tmp_path):
         build_dataset('val', json_file=ann_file)
     with pytest.raises(ValueError, match='together'):
         build_dataset('train')
+
+
+def test_16_bit_grey_images_keep_their_contrast(tmp_path):
+    """A 16-bit grey PNG maps 0..65535 onto 0..255 (PIL's own convert('RGB') clips at 255 and
+    whitened 99.6% of this ramp); float pixels, which have no range, are an error naming the
+    image; 8-bit grey is untouched."""
+    from minidetr.data import open_rgb
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(open_rgb(str(tmp_path / "g16.png"), "image id 1"))
+    expected = np.floor(ramp / 257.0 + 0.5)         # nearest 8-bit level, by hand
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(OSError, match="image id 2: cannot read .*f.tif: F pixels .* no fixed range"):
+        open_rgb(str(tmp_path / "f.tif"), "image id 2")
+    grey = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    assert np.array_equal(np.asarray(open_rgb(str(tmp_path / "g8.png"), "x"))[..., 1], grey)
