@@ -288,19 +288,17 @@ def check_files(images, json_file, image_folder, show_progress=True):
 
 def check_pixels(images, json_file, image_folder, show_progress=True):
     """Decode every present image: 'unreadable image', 'image size mismatch' (json vs file)."""
-    from PIL import Image   # only --images decodes
+    from minidetr.data import open_rgb   # training's own decoding (data imports this module)
     findings = []
     for img in _progress(images.values(), f"{os.path.basename(json_file)}: pixels", show_progress):
         path = os.path.join(image_folder, img["file_name"])
         if not os.path.isfile(path):
             continue   # reported by check_files
-        try:
-            with Image.open(path) as image:
-                image.load()   # a full decode: truncation shows here, as it would in training
-                size = image.size
-        except (OSError, SyntaxError, ValueError) as e:
+        try:   # a full decode as training does it: truncation and pixels it refuses show here
+            size = open_rgb(path, f"image id {img['id']}").size
+        except OSError as e:
             findings.append(Finding("unreadable image", json_file, img["id"],
-                                    message=f"{img['file_name']}: {e}"))
+                                    message=f"{img['file_name']}: {e.__cause__ or e}"))
             continue
         if size != (img["width"], img["height"]):
             findings.append(Finding("image size mismatch", json_file, img["id"], message=(

@@ -162,6 +162,14 @@ def test_unreadable_image_only_with_images_flag(tmp_path):
     _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"), pixels=True)
     assert planted(findings, "unreadable image") == [(2, None)]
     assert main(argv + ["--images"]) == 1
+    import numpy as np   # float pixels decode, but training refuses them (no range): so does --images
+    data = copy.deepcopy(BASE)
+    data["images"][1]["file_name"] = "2.tif"
+    argv = write_split(tmp_path / "float", data)
+    Image.fromarray(np.full((H, W), 0.5, np.float32)).save(tmp_path / "float" / "img" / "2.tif")
+    _, findings = check_split(str(tmp_path / "float" / "ann.json"), str(tmp_path / "float" / "img"), pixels=True)
+    assert planted(findings, "unreadable image") == [(2, None)]
+    assert findings[0].message.startswith("2.tif: F pixels")
 
 
 def test_image_size_mismatch_with_images_flag(tmp_path):
