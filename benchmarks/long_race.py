@@ -261,6 +261,40 @@ def nearest_first(pending, done, ap, runs, official_slot):
     return official[:1] + ours + official[1:] if official_slot else ours + official
 
 
+def official_alone(official, ours, chunk, min_steps):
+    """The race read with the official code alone: its DETR's convergence by the race's rule
+    (mean over its seeds), then the step at which each other official variant's mean curve
+    reaches that AP, as a fraction of the official DETR's steps; minidetr's runs against the
+    same line beside them. While the official DETR has not converged, its AP at the last
+    step all its seeds reached stands in (the text says so). Markdown lines; [] without an
+    official DETR. official, ours: {name: {seed: curve}}. The official variants' seeds are
+    those that ran furthest (seeds stopped earlier would cut their mean curve short)."""
+    detr = official.get(BASELINE) or {}
+    n_star, target, frontier = detr_state(detr, sorted(detr), chunk, min_steps) if detr else (None, None, 0)
+    if target is None:
+        return []
+    horizon = n_star or frontier
+    steps, aps = mean_curve(list(detr.values()), horizon)
+    quarter = curve_at(list(zip(steps, aps)), 0.75 * horizon)
+    gain = f"{target / quarter - 1:+.1%} over its last quarter" if quarter > 0 else "no AP at its last quarter"
+    seeds = " ".join(map(str, sorted(detr)))
+    state = (f"converges by the race's rule at step {n_star}: mean AP {target:.3f} ({gain})" if n_star else
+             f"has not converged by step {frontier}: mean AP {target:.3f} ({gain}); the fractions that "
+             f"follow are against that AP and step")
+    lines = [f"**The official code alone.** Its DETR (seed{'s' * (len(detr) > 1)} {seeds}) {state}."]
+    for name, runs in official.items():
+        if name == BASELINE or not runs:
+            continue
+        longest = max(c[-1][0] for c in runs.values())
+        runs = {s: c for s, c in runs.items() if c[-1][0] == longest}
+        hit, mine = passed_at(list(runs.values()), target), passed_at(list(ours.get(name, {}).values()), target)
+        theirs = f"at step {hit:.0f}, **{hit / horizon:.2f}** of its DETR's steps" if hit else f"not within its {longest} steps"
+        lines.append(f"Official {name} (seed{'s' * (len(runs) > 1)} {' '.join(map(str, sorted(runs)))}) reaches "
+                     f"that AP {theirs}; minidetr's {name} " + (f"at step {mine:.0f} ({mine / horizon:.2f})." if mine
+                                                                 else "not within the steps it ran."))
+    return [" ".join(lines)]
+
+
 def detr_equivalent(detr_curve, ap, at):
     """'DETR's steps to that AP (fraction)': the step at which DETR's mean curve first had this
     AP, and `at` as a fraction of it. For a variant still under way it is the running form of
@@ -355,6 +389,9 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
                      f"{f'{hit:.0f}' if hit is not None and hit <= horizon else '-'} | | "
                      f"{fmt_spread(theirs)} at {at} (minidetr: {fmt_spread(ours) if ours else '-'}) | | "
                      f"{detr_equivalent(detr_curve, sum(theirs) / len(theirs), at) if name != BASELINE else '-'} | |")
+    alone = official_alone(official, curves, chunk, min_steps)
+    if alone:
+        lines += [""] + alone
     by_cut = fractions_by_horizon({n: r for n, r in curves.items() if len(r) == len(seeds)}, detr_curve,
                                   horizon) if horizon else {}
     if by_cut:

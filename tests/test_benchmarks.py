@@ -314,3 +314,23 @@ def test_long_race_nearest_order_by_hand():
     expected = [("smca", 1), ("smca", 0), ("dn", 0), ("dab", 0), ("official_conditional", 0), ("official_detr", 0)]
     assert long_race.nearest_first(pending, done, ap, runs, official_slot=False) == expected
     assert long_race.nearest_first(pending, done, ap, runs, official_slot=True) == [expected[4]] + expected[:4] + [expected[5]]
+
+
+def test_long_race_official_alone_by_hand():
+    """Official DETR (two seeds) converges at 4000 by the rule: mean AP 0.42 at 4000 against
+    0.41 at 3000 (+2.4%); official conditional's longer seed reaches 0.42 halfway between
+    1000 (0.30) and 2000 (0.54): step 1500, 0.375 of 4000; its seed stopped at 1000 is left
+    out; minidetr's conditional (0.21 at 1000, 0.63 at 2000) at 1500 too."""
+    def curve(aps):
+        return [(1000 * (i + 1), ap, 0.0, 0.0) for i, ap in enumerate(aps)]
+    detr = {0: curve([0.02, 0.20, 0.40, 0.41]), 1: curve([0.04, 0.22, 0.42, 0.43])}
+    official = {"detr": detr, "conditional": {1: curve([0.30, 0.54]), 0: curve([0.01])}}
+    ours = {"conditional": {0: curve([0.21, 0.63])}}
+    text = long_race.official_alone(official, ours, chunk=1000, min_steps=2000)[0]
+    assert "converges by the race's rule at step 4000: mean AP 0.420 (+2.4% over its last quarter)" in text
+    assert "Official conditional (seed 1) reaches that AP at step 1500, **0.38** of its DETR's steps" in text
+    assert "minidetr's conditional at step 1500 (0.38)" in text
+    short = {"detr": {0: curve([0.02, 0.20, 0.40])}}   # 0.25 at 2250 (interpolated), 0.40 at 3000
+    assert "has not converged by step 3000: mean AP 0.400 (+60.0% over its last quarter)" in \
+        long_race.official_alone(short, {}, chunk=1000, min_steps=2000)[0]
+    assert long_race.official_alone({"conditional": official["conditional"]}, ours, 1000, 2000) == []
