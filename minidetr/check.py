@@ -98,6 +98,46 @@ def _progress(items, desc, show):
     return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=None if show else True)
 
 
+# ---- what training does with one image file (data.py and eval.py's drawing read with this) ----
+
+def open_rgb(path, what):
+    """Decode an image fully now (so truncation shows here) and convert it to RGB.
+
+    what: how the errors name the image ('image id 7', '--image'). PIL reports a file it
+    cannot decode as OSError, SyntaxError or ValueError by format; all become one OSError.
+    (PIL is imported here, not above: checking a json without --images decodes nothing.)
+    """
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == 'P' and 'transparency' in image.info:
+                image = image.convert('RGBA')  # PIL's advice for palette + transparency
+            if image.mode.startswith('I') or image.mode == 'F':
+                image = _grey_to_8_bits(image)
+            return image.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:
+        raise OSError(f"{what}: cannot read {path}: {e}") from e
+
+
+def _grey_to_8_bits(image):
+    """A 16-bit grey image (PIL mode I;16*, or I from older Pillows' PNGs) -> mode L.
+
+    PIL's convert('RGB') clips these at 255: a 16-bit image comes out nearly all white, and
+    a model would train on it without a word. The type's range 0..65535 maps onto 0..255
+    instead. Values outside it (32-bit integer or float pixels) have no range to map from.
+    """
+    import numpy as np
+    from PIL import Image
+    pixels = np.asarray(image)
+    if image.mode == 'F' or pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ValueError(f"{image.mode} pixels ({pixels.dtype}, {pixels.min()}..{pixels.max()}) have "
+                         f"no fixed range to map onto 8 bits; save the image as 8- or 16-bit")
+    return Image.fromarray(np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8), 'L')
+
+
 # ---- what training does with one box (data.py builds its targets with this too) ----
 
 def box_fate(bbox, width, height, iscrowd=0):
@@ -288,7 +328,6 @@ def check_files(images, json_file, image_folder, show_progress=True):
 
 def check_pixels(images, json_file, image_folder, show_progress=True):
     """Decode every present image: 'unreadable image', 'image size mismatch' (json vs file)."""
-    from minidetr.data import open_rgb   # training's own decoding (data imports this module)
     findings = []
     for img in _progress(images.values(), f"{os.path.basename(json_file)}: pixels", show_progress):
         path = os.path.join(image_folder, img["file_name"])

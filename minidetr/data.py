@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from minidetr.check import ERROR, DatasetError, box_fate, check_split, split_files, warning_line
+from minidetr.check import ERROR, DatasetError, box_fate, check_split, open_rgb, split_files, warning_line
 # re-exported: engine.py, eval.py, tests and users import the shapes generator from here
 from minidetr.shapes import SHAPE_NAMES, default_shapes_root, make_shapes_dataset  # noqa: F401
 
@@ -222,40 +222,6 @@ def _objects_per_image(data):
         if box is not None:
             per_image[ann['image_id']].append((box, ann['category_id'], ann['area']))
     return per_image
-
-
-def open_rgb(path, what):
-    """Decode an image fully now (so truncation shows here) and convert it to RGB.
-
-    what: how the errors name the image ('image id 7', '--image'). PIL reports a file it
-    cannot decode as OSError, SyntaxError or ValueError by format; all become one OSError.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode == 'P' and 'transparency' in image.info:
-                image = image.convert('RGBA')  # PIL's advice for palette + transparency
-            if image.mode.startswith('I') or image.mode == 'F':
-                image = _grey_to_8_bits(image)
-            return image.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
-        raise OSError(f"{what}: cannot read {path}: {e}") from e
-
-
-def _grey_to_8_bits(image):
-    """A 16-bit grey image (PIL mode I;16*, or I from older Pillows' PNGs) -> mode L.
-
-    PIL's convert('RGB') clips these at 255: a 16-bit image comes out nearly all white, and
-    a model would train on it without a word. The type's range 0..65535 maps onto 0..255
-    instead. Values outside it (32-bit integer or float pixels) have no range to map from.
-    """
-    pixels = np.asarray(image)
-    if image.mode == 'F' or pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-        raise ValueError(f"{image.mode} pixels ({pixels.dtype}, {pixels.min()}..{pixels.max()}) have "
-                         f"no fixed range to map onto 8 bits; save the image as 8- or 16-bit")
-    return Image.fromarray(np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8), 'L')
 
 
 class CocoDetection(torch.utils.data.Dataset):

@@ -322,7 +322,7 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     """A 16-bit grey PNG maps 0..65535 onto 0..255 (PIL's own convert('RGB') clips at 255 and
     whitened 99.6% of this ramp); float pixels, which have no range, are an error naming the
     image; 8-bit grey is untouched."""
-    from minidetr.data import open_rgb
+    from minidetr.check import open_rgb
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
