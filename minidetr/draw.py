@@ -20,7 +20,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw
 
 from minidetr.check import open_rgb
-from minidetr.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomResize, ToTensor
+from minidetr.data import Normalize, RandomResize, ToTensor
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
