@@ -119,9 +119,10 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.plot_logs:
         from minidetr.draw import plot_logs, prepare_output
+        out = args.out or "curves.png"
         try:
-            prepare_output(args.out or "curves.png", plot=True)
-            print("wrote", plot_logs(args.plot_logs, args.out or "curves.png"))
+            prepare_output(out, plot=True)
+            print("wrote", plot_logs(args.plot_logs, out))
         except ValueError as err:
             sys.exit(f"error: {err}")
         return None
