@@ -15,10 +15,13 @@ A defect is a Finding(kind, file, image_id, ann_id, message); its kind fixes its
   error    training would be wrong or impossible: exit status 1, train.py stops;
   warning  training skips, clips or fills it in: exit status 0, train.py names it once.
 
-Cost: plain dicts and sets; one directory listing per image folder instead of a stat per
-image; no image decoded unless --images asks for the pixel checks (readable, and the size
-the json says). A json of COCO's size (118k images, 860k annotations, 200 MB) took 23 s on
-two busy CPU cores, half of it json.load.
+Cost: plain dicts and sets; each image file opened once and only its header read (PIL
+decodes nothing), which finds a missing file, a file that is no image, and a size other
+than the json's; --images decodes every image as training does (truncation, pixels
+training refuses). A json of COCO's size (118k images, 860k annotations, 200 MB) took 23 s
+on two busy CPU cores, half of it json.load; reading its 118k images' headers adds 5 s with
+the files in the page cache, 8 s with them evicted (benchmarks/check_speed.py, the same
+two busy cores).
 """
 import argparse
 import filecmp
@@ -27,6 +30,7 @@ import math
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from tqdm import tqdm
@@ -91,11 +95,13 @@ class DatasetError(ValueError):
 
 _NUMBER = (int, float)   # exact types: a bool is an int to isinstance, not a coordinate
 _ID = (int, str)         # what an id may be (COCO's are ints; some tools write strings)
+FILE_THREADS = 8         # image files read at once (check_files); see its docstring
 
 
-def _progress(items, desc, show):
+def _progress(items, desc, show, total=None):
     """A progress bar on a terminal only (tqdm's disable=None), never in logs or pipes."""
-    return tqdm(items, desc=desc, leave=False, mininterval=0.5, disable=None if show else True)
+    return tqdm(items, desc=desc, total=total, leave=False, mininterval=0.5,
+                disable=None if show else True)
 
 
 # ---- what training does with one image file (data.py and eval.py's drawing read with this) ----
@@ -306,43 +312,77 @@ def check_annotations(data, images, categories, json_file, findings):
     return usable, used
 
 
-# ---- the image files: a directory listing (always), a decode (--images only) ----
+# ---- the image files: each opened once, its header read (always) or decoded (--images) ----
 
-def check_files(images, json_file, image_folder, show_progress=True):
-    """'missing image file' for each image absent from image_folder: one listing per folder."""
+def _header_size(path, what):
+    """(width, height) from the file's header: PIL's Image.open parses it and decodes nothing.
+
+    A PNG's size is in its first 24 bytes, a JPEG's in the SOF marker after the EXIF and
+    other APP segments: one open and a read of a few KB, ~20 us a file on a warm cache.
+    The size is the stored one, before any EXIF rotation: open_rgb does not rotate either.
+    PIL raises UnidentifiedImageError (an OSError) for a file no plugin recognises,
+    SyntaxError or ValueError for a header a plugin rejects; all become one OSError, as in
+    open_rgb, except FileNotFoundError, which check_files reports as a missing file.
+    An image of over 2 x Image.MAX_IMAGE_PIXELS (179M) pixels is refused here already, as
+    DecompressionBombError: training's decode would refuse it, with a traceback.
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise OSError(f"{what}: cannot read {path}: {e}") from e
+
+
+def _decoded_size(path, what):
+    """(width, height) after a full decode as training does it: truncation shows here too."""
+    return open_rgb(path, what).size
+
+
+def _file_finding(img, json_file, image_folder, read_size):
+    """The one finding for one image's file ('missing image file', 'unreadable image',
+    'image size mismatch'), or None: the file opens and has the size the json says."""
+    name = img["file_name"]
+    try:
+        width, height = read_size(os.path.join(image_folder, name), f"image id {img['id']}")
+    except FileNotFoundError:   # what open() says: one call, no listing or stat before it
+        return Finding("missing image file", json_file, img["id"], message=f"{name} is not in {image_folder}")
+    except OSError as e:
+        return Finding("unreadable image", json_file, img["id"], message=f"{name}: {e.__cause__ or e}")
+    if (width, height) != (img["width"], img["height"]):
+        return Finding("image size mismatch", json_file, img["id"], message=(
+            f"{name} is {width}x{height} px (w x h), the json says {img['width']}x{img['height']}"))
+    return None
+
+
+def check_files(images, json_file, image_folder, pixels=False, show_progress=True):
+    """Every image file, opened once: missing, unreadable, or of another size than the json says.
+
+    The size comes from the file's header (_header_size), or with pixels=True from a full
+    decode (_decoded_size), which also finds truncated files and pixels training refuses.
+    A thread pool overlaps the reads: a cold disk makes each open wait for the device, and
+    PIL's parsing in Python is short; on a warm cache the threads take turns on the GIL.
+    COCO's 118k files on two busy cores (benchmarks/check_speed.py): 8.1 s with the files
+    evicted from the page cache (1 thread: 13.5 s), 5.0 s cached (1 thread: 4.6 s).
+    """
     if images and not os.path.isdir(image_folder):
         return [Finding("missing image file", json_file, message=f"image folder {image_folder} "
                         f"does not exist ({len(images)} images should be in it)")]
-    listings, findings = {}, []
-    for img in _progress(images.values(), f"{os.path.basename(json_file)}: files", show_progress):
-        path = os.path.join(image_folder, img["file_name"])
-        folder, name = os.path.split(path)
-        if folder not in listings:
-            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        # stat only what the listing lacks: a case-insensitive file system may still have it
-        if name not in listings[folder] and not os.path.isfile(path):
-            findings.append(Finding("missing image file", json_file, img["id"],
-                                    message=f"{img['file_name']} is not in {image_folder}"))
-    return findings
+    read_size = _decoded_size if pixels else _header_size
+    entries = list(images.values())
+    chunks = [entries[i:i + 256] for i in range(0, len(entries), 256)]   # a future per 256, not per file
 
+    def check_chunk(chunk):
+        return [_file_finding(img, json_file, image_folder, read_size) for img in chunk]
 
-def check_pixels(images, json_file, image_folder, show_progress=True):
-    """Decode every present image: 'unreadable image', 'image size mismatch' (json vs file)."""
-    findings = []
-    for img in _progress(images.values(), f"{os.path.basename(json_file)}: pixels", show_progress):
-        path = os.path.join(image_folder, img["file_name"])
-        if not os.path.isfile(path):
-            continue   # reported by check_files
-        try:   # a full decode as training does it: truncation and pixels it refuses show here
-            size = open_rgb(path, f"image id {img['id']}").size
-        except OSError as e:
-            findings.append(Finding("unreadable image", json_file, img["id"],
-                                    message=f"{img['file_name']}: {e.__cause__ or e}"))
-            continue
-        if size != (img["width"], img["height"]):
-            findings.append(Finding("image size mismatch", json_file, img["id"], message=(
-                f"{img['file_name']} is {size[0]}x{size[1]} px (w x h), the json says "
-                f"{img['width']}x{img['height']}")))
+    findings, what = [], "pixels" if pixels else "files"
+    with ThreadPoolExecutor(max_workers=FILE_THREADS) as pool, _progress(
+            None, f"{os.path.basename(json_file)}: {what}", show_progress, total=len(entries)) as bar:
+        for found in pool.map(check_chunk, chunks):   # in the json's order
+            findings += [f for f in found if f is not None]
+            bar.update(len(found))
     return findings
 
 
@@ -351,7 +391,8 @@ def check_pixels(images, json_file, image_folder, show_progress=True):
 def check_split(json_file, image_folder=None, pixels=False, show_progress=True):
     """Every check of one split -> (data, findings); data is None when the json is unusable.
 
-    image_folder None checks the json alone; pixels=True also decodes every image.
+    image_folder None checks the json alone; with a folder, every image's header is read
+    (its size against the json's), or with pixels=True every image is decoded.
     """
     data, findings = read_json(json_file)
     if data is None:
@@ -371,9 +412,7 @@ def check_split(json_file, image_folder=None, pixels=False, show_progress=True):
         findings.append(Finding("unused category", json_file, message=(
             f"category id {cat_id} ({categories[cat_id]!r}) has no usable annotation")))
     if image_folder is not None:
-        findings += check_files(images, json_file, image_folder, show_progress)
-        if pixels:
-            findings += check_pixels(images, json_file, image_folder, show_progress)
+        findings += check_files(images, json_file, image_folder, pixels, show_progress)
     return data, findings
 
 

@@ -2,39 +2,165 @@
 
 A run that dies while writing must never leave a corrupt `checkpoint.pth`, so every file is
 written to a temporary name in the same folder, flushed to disk, then renamed over the old
-one (a rename within one file system is atomic). Loading always uses
+one (a rename within one file system is atomic); log.txt is appended to and cut back if
+the append fails. A write that fails (a full disk) raises WriteError, which cannot_write
+turns into the one line a user sees: the file, what it needed, that the old one is whole. Loading always uses
 `torch.load(..., weights_only=True)`, which unpickles only tensors and plain containers:
 a checkpoint cannot run code on the loading machine. The official DETR-family checkpoints
 store their settings as an `argparse.Namespace`; that one class is allowed, nothing else.
 """
 import argparse
+import errno
 import os
 import random
 import re
+import shutil
 import tempfile
 
 import numpy as np
 import torch
 
 
-# ---- writing ----
+# ---- writing: every file a run writes, whole or not at all ----
 
-def save_atomic(obj, path):
-    """torch.save to `path` through a temporary file + fsync + rename."""
+class WriteError(OSError):
+    """Writing `filename` failed (a full disk, say); errno and strerror are the cause's.
+
+    needed: the bytes the write needed (an int, or None if unknown), for cannot_write.
+    The writers below raise it after undoing their partial write, so the file is as before.
+    """
+
+    def __init__(self, path, err, needed):
+        super().__init__(err.errno, err.strerror or str(err), str(path))
+        self.needed = needed
+
+
+def cannot_write(path, err, needed, then="run it again"):
+    """The one line to show a user when writing `path` failed with OSError `err`.
+
+    needed: bytes the write needed (None: not said). then: how to go on once the cause is
+    fixed, e.g. 'continue with --resume out/checkpoint.pth'. Every writer of a run (and
+    anything else that writes a file, a drawing say) says it this way, e.g.
+    "cannot write out/log.txt: No space left on device (needed 1.9 KiB, 0 bytes free);
+    the previous log.txt (if any) is unchanged; free some space, then continue with ...".
+    """
+    sizes = [f"needed {_size(needed)}"] if needed is not None else []
+    try:   # how far off the disk is: what to free (on a quota, the disk's free space can mislead)
+        sizes.append(f"{_size(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)} free")
+    except OSError:
+        pass
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)   # out of disk, out of quota
+    return (f"cannot write {path}: {err.strerror or err}" + (f" ({', '.join(sizes)})" if sizes else "")
+            + f"; the previous {os.path.basename(path)} (if any) is unchanged; "
+            + f"{'free some space' if full else 'fix that'}, then {then}")
+
+
+def _size(n):
+    """1536 -> '1.5 KiB'; under 1 KiB in bytes."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+
+
+def _write_through_temp(path, write):
+    """write(f) into a temporary file beside `path`, fsync it, rename it over `path`.
+
+    The rename is atomic within a file system: a reader (or a crash) sees the old file or
+    the new one, never a mix. On any failure, Ctrl-C included, the temporary file is removed.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{os.path.basename(path)}.", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)     # mkstemp makes it owner-only; torch.save would not
+            os.fsync(f.fileno())   # a full disk can show only here (delayed allocation, NFS)
+        os.chmod(tmp, 0o644)       # mkstemp makes it owner-only; a plain open would not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _tensor_bytes(obj):
+    """The bytes of the tensor storages in obj (nested dicts, lists, tuples), each counted once.
+
+    What torch.save needs, less its zip headers and the pickled structure: within a percent
+    for a model's checkpoint. Said when a save fails, since the size is only known once the
+    save succeeded.
+    """
+    storages, stack = {}, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()    # torch.save writes the whole storage, once
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack += list(x)
+    return sum(storages.values())
+
+
+def save_atomic(obj, path):
+    """torch.save to `path` through a temporary file + fsync + rename.
+
+    Raises WriteError (an OSError) naming `path` and the bytes needed when writing fails;
+    the file there before, if any, is unchanged and no temporary file is left.
+    """
+    try:
+        _write_through_temp(path, lambda f: torch.save(obj, f))
+    except OSError as err:
+        raise WriteError(path, err, _tensor_bytes(obj)) from err
+
+
+def copy_atomic(src, dst):
+    """Copy `src` to `dst` through a temporary file + fsync + rename (an epoch's checkpoint copy).
+
+    Raises WriteError naming `dst` and src's size when writing fails; dst is as before.
+    """
+    needed = os.path.getsize(src)   # outside the try: a missing src is no write failure
+
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f, 1 << 20)   # 1 MiB reads
+
+    try:
+        _write_through_temp(dst, copy)
+    except OSError as err:
+        raise WriteError(dst, err, needed) from err
+
+
+def append_line(path, line):
+    """Append `line` (a str ending in a newline) to `path`, all of it or nothing (log.txt).
+
+    Appended in place and cut back to the previous length if the write fails, rather than
+    written to a copy that is renamed over the file: the file stays the same file, so a
+    `tail -f log.txt` goes on showing the new lines, and a full disk needs room for the line
+    alone, not for another copy of the log. One write() of a line of a few KB is not split
+    by a kill in practice; the cut-back covers the failures that return (a full disk, a
+    quota, an I/O error), which would otherwise leave half a line that no JSON reader takes.
+    Raises WriteError naming `path` and the line's bytes; the earlier lines are unchanged.
+    """
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):   # os.write may write part (a disk filling up), then fail
+                written += os.write(fd, data[written:])
+            os.fsync(fd)                 # a full disk can show only here (delayed allocation, NFS)
+        except OSError as err:
+            os.ftruncate(fd, before)     # freeing space: needs none
+            raise WriteError(path, err, len(data)) from err
+    finally:
+        os.close(fd)
 
 
 # ---- reading ----

@@ -139,7 +139,7 @@ def test_missing_sections_each_named(tmp_path):
 
 
 def test_missing_image_file_found_without_decoding(tmp_path, capsys):
-    """A deleted file is found by the listing; a truncated one is only found with --images."""
+    """A deleted file is named by the default check (which reads headers only)."""
     argv = write_split(tmp_path)
     os.remove(tmp_path / "img" / "2.png")
     _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"))
@@ -158,7 +158,7 @@ def test_unreadable_image_only_with_images_flag(tmp_path):
     argv = write_split(tmp_path)
     path = tmp_path / "img" / "2.png"
     path.write_bytes(path.read_bytes()[:60])     # a PNG cut short
-    assert main(argv) == 0                       # a listing cannot see it: no decode by default
+    assert main(argv) == 0                       # its header is whole: only a decode sees the cut
     _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"), pixels=True)
     assert planted(findings, "unreadable image") == [(2, None)]
     assert main(argv + ["--images"]) == 1
@@ -173,11 +173,53 @@ def test_unreadable_image_only_with_images_flag(tmp_path):
 
 
 def test_image_size_mismatch_with_images_flag(tmp_path):
+    """--images finds a wrong size by decoding, as the default check does from the header."""
     argv = write_split(tmp_path, sizes={"2.png": (W + 1, H)})
     _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"), pixels=True)
     assert planted(findings, "image size mismatch") == [(2, None)]
     assert f"is {W + 1}x{H} px (w x h), the json says {W}x{H}" in findings[0].message
-    assert main(argv) == 0 and main(argv + ["--images"]) == 1
+    assert main(argv) == 1 and main(argv + ["--images"]) == 1
+
+
+def test_default_check_names_an_image_whose_size_differs_from_the_json(tmp_path, capsys):
+    """Without --images, and at train.py's door: the json file, the image id, the file name
+    and both sizes of an image stored at another size than its json entry says."""
+    argv = write_split(tmp_path, sizes={"2.png": (W + 3, H - 2)})
+    json_file = str(tmp_path / "ann.json")
+    _, findings = check_split(json_file, str(tmp_path / "img"))
+    assert [(f.kind, f.file, f.image_id) for f in findings] == [("image size mismatch", json_file, 2)]
+    assert findings[0].message == f"2.png is {W + 3}x{H - 2} px (w x h), the json says {W}x{H}"
+    assert main(argv) == 1
+    assert f"{json_file}, image id 2: 2.png is {W + 3}x{H - 2} px" in capsys.readouterr().out
+    with pytest.raises(DatasetError, match=f"image size mismatch: 1 .*\n.*image id 2: 2.png is {W + 3}x"):
+        check_before_training({"train": (json_file, str(tmp_path / "img"))}, verbose=False)
+
+
+def test_default_check_names_a_file_that_is_no_image(tmp_path):
+    """A file PIL cannot identify from its header is named, with its image id, by default."""
+    write_split(tmp_path)
+    (tmp_path / "img" / "2.png").write_text("not an image, though the name says png")
+    _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"))
+    assert planted(findings, "unreadable image") == [(2, None)]
+    assert findings[0].message.startswith("2.png: cannot identify image file")
+    assert [f.kind for f in findings] == ["unreadable image"]
+
+
+def test_images_of_the_right_size_pass_in_every_format_and_order_is_kept(tmp_path):
+    """600 images (more than one thread's share) in five formats, each of the size its json
+    entry says: no finding; swapping width and height in three entries names exactly those
+    three, in the json's order."""
+    formats = ["png", "jpg", "bmp", "gif", "tif"]
+    images = [{"id": i, "file_name": f"{i}.{formats[i % 5]}", "width": 20 + i % 7, "height": 10 + i % 3}
+              for i in range(600)]
+    data = {"images": images, "annotations": [ann(1, image_id=0)], "categories": [{"id": 1, "name": "a"}]}
+    write_split(tmp_path, data, sizes={img["file_name"]: (img["width"], img["height"]) for img in images})
+    assert check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"))[1] == []
+    for i in (5, 300, 599):   # none square: 20 + i % 7 > 10 + i % 3 always
+        images[i]["width"], images[i]["height"] = images[i]["height"], images[i]["width"]
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    _, findings = check_split(str(tmp_path / "ann.json"), str(tmp_path / "img"))
+    assert planted(findings, "image size mismatch") == [(5, None), (300, None), (599, None)]
 
 
 @pytest.mark.parametrize("val_images, how", [("same folder", "the same file"),
@@ -188,7 +230,9 @@ def test_train_and_val_sharing_images(tmp_path, capsys, val_images, how):
     that only shares the name and id (not shared: two datasets may both count from 1)."""
     train_argv = write_split(tmp_path / "train")
     val = {**BASE, "images": [BASE["images"][1]], "annotations": [BASE["annotations"][1]]}
-    write_split(tmp_path / "val", val, sizes={"2.png": (W, H) if val_images == "a copy" else (W, H + 1)})
+    write_split(tmp_path / "val", val)
+    if val_images == "other pixels":   # the same size (the json's), another grey
+        Image.new("RGB", (W, H), 7).save(tmp_path / "val" / "img" / "2.png")
     val_folder = tmp_path / ("train" if val_images == "same folder" else "val")
     argv = train_argv + ["--val_json", str(tmp_path / "val" / "ann.json"), "--val_images", str(val_folder / "img")]
     assert main(argv) == 0
