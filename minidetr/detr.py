@@ -154,6 +154,12 @@ class PostProcess(nn.Module):
     @torch.no_grad()
     def forward(self, outputs, orig_sizes):
         """orig_sizes: [B, 2] (h, w) of the original images."""
+        batch = self.batched(outputs, orig_sizes)
+        return [dict(zip(batch, per_image)) for per_image in zip(*batch.values())]
+
+    def batched(self, outputs, orig_sizes):
+        """forward's detections as one dict of [B, k] tensors (boxes [B, k, 4]), no list over
+        images: what an exported graph computes (a loop over B would fix B at export)."""
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         if self.focal:
             probs = rearrange(logits.sigmoid(), 'b q k -> b (q k)')
@@ -169,8 +175,7 @@ class PostProcess(nn.Module):
         h, w = orig_sizes.float().unbind(-1)
         scale = torch.stack([w, h, w, h], -1)[:, None, :]                  # [B, 1, 4]
         boxes_xyxy = box_ops.box_cxcywh_to_xyxy(boxes) * scale
-        return [{"scores": s, "labels": l, "boxes": b, "query_ids": q}
-                for s, l, b, q in zip(scores, labels, boxes_xyxy, query_idx)]
+        return {"scores": scores, "labels": labels, "boxes": boxes_xyxy, "query_ids": query_idx}
 
 
 # ---- build ----

@@ -136,7 +136,7 @@ class SMCAMultiScaleEncoder(nn.Module):
         """
         if len(spatial_shapes) != len(self.level_embed):
             raise ValueError(f"expected {len(self.level_embed)} levels, got {len(spatial_shapes)}")
-        sizes = [int(y) * int(x) for y, x in spatial_shapes]
+        sizes = [y * x for y, x in spatial_shapes]      # no int(): ONNX export keeps them symbolic
         if pad_mask is None:
             pad_mask = torch.zeros(src.shape[:2], dtype=torch.bool, device=src.device)
         level_pos = torch.cat([repeat(e, 'c -> n c', n=n) for e, n in zip(self.level_embed, sizes)])  # [N, C]
@@ -298,7 +298,7 @@ class SMCADecoder(Decoder):
         targets['size'] / 32 (the reference needs targets for it even at inference; the
         pixel mask holds the same sizes, so the model runs on images alone).
         """
-        shapes = [(int(y), int(x)) for y, x in spatial_shapes]
+        shapes = [(y, x) for y, x in spatial_shapes]   # no int(): ONNX export keeps y, x symbolic
         strides = torch.tensor(self.strides, dtype=torch.float32, device=tgt.device)
         grid_sizes = image_sizes.float()[:, None, :] / strides[None, :, None]            # [B, S, 2]
         hs, centre_logits = [], None
