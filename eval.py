@@ -5,6 +5,10 @@
     python eval.py --resume ckpt.pth --val_json a.json --val_images imgs/
     python eval.py --resume ckpt.pth --image photo.png --out pred.png [--threshold 0.5]
         (says so when no box reaches the threshold: focal-loss scores start low)
+    python eval.py --resume ckpt.pth --image photos/ --out drawn/        # a folder, recursively
+    python eval.py --resume ckpt.pth --image clip.mp4 --out drawn.mp4    # a video (pip install av)
+        each writes COCO results (pred.json, drawn/predictions.json, ...; --json to choose)
+        and beside them *_images.json, the images and category names (minidetr/predict.py)
     python eval.py --resume ckpt.pth --image photo.png --attention --out attn.png [--prior]
     python eval.py --plot-logs out/*/log.txt --out curves.png
 
@@ -18,8 +22,7 @@ import sys
 
 import torch
 
-from minidetr import Config, build, convert
-from minidetr.checkpoint import load_safely
+from minidetr import predict
 from minidetr.evaluation import STAT_NAMES, evaluate
 from minidetr.engine import build_datasets, fit_num_classes, make_loader
 
@@ -32,87 +35,65 @@ def get_args_parser():
         p.add_argument(f"--{name}")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--image", help="draw the predictions on this image")
+    p.add_argument("--image", help="predict on this image file, folder of images (recursively) or video")
+    p.add_argument("--json", help="with --image: the COCO results file (default: beside --out, "
+                                  "or predictions.json)")
     p.add_argument("--attention", action="store_true", help="with --image: draw decoder cross-attention")
     p.add_argument("--prior", action="store_true", help="with --attention: draw SMCA's Gaussian prior")
     p.add_argument("--top", type=int, default=3, help="with --attention: how many detections")
-    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for drawing")
-    p.add_argument("--out", help="output PNG (drawing and plotting)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="score threshold for the results and drawings (0 for COCO evaluation)")
+    p.add_argument("--max_detections", type=int, default=100, help="with --image: most detections per image")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--out", help="drawing: a PNG, a folder (for a folder) or a video file; plotting: a PNG")
     p.add_argument("--plot-logs", nargs="+", dest="plot_logs", help="log.txt files to plot")
     return p
 
 
 def load_model(path, overrides, device, variant=None):
-    """Rebuild the model from a checkpoint's config and load its weights.
-
-    An official DETR-family checkpoint (no minidetr 'config'; an 'args' entry or official
-    weight names) is converted on load (minidetr/convert.py); `variant` (--variant) says
-    which reference saved it.
-    """
-    ckpt = load_safely(path)
-    if "config" in ckpt:
-        settings, state_dict = dict(ckpt["config"]), ckpt["model"]
-    else:
-        if not convert.is_official_checkpoint(ckpt):
-            sys.exit(f"error: {path} has neither a minidetr 'config' nor an official 'args' entry")
-        if not variant:
-            guess = convert.guess_variant(ckpt.get("model", {}))
-            sys.exit(f"error: {path} is an official checkpoint (no minidetr config): say which model "
-                     f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
-                     + (f" (its weights look like {guess})" if guess else ""))
-        try:
-            cfg, state_dict = convert.convert_file(ckpt, variant)
-        except ValueError as err:
-            sys.exit(f"error: cannot convert {path} as --variant {variant}: {err}")
-        settings = cfg.to_dict()
-    # a file from another version of minidetr: a setting it lacks takes its preset's value,
-    # one this version does not know is ignored; weights that then do not fit are an error
-    defaults = Config.for_variant(settings.get("variant", "detr"), settings.get("preset", "paper")).to_dict()
-    missing = sorted(set(defaults) - set(settings))
-    settings = {**defaults, **{k: v for k, v in settings.items() if k in defaults}}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = Config(**settings).validate()
-    model, criterion, postprocess = build(cfg)
+    """(cfg, model, criterion, postprocess) of a checkpoint, or one 'error:' line
+    (minidetr/predict.py's load_model, which also returns the category table)."""
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
-        detail = " ".join(str(err).split())
-        raise ValueError(f"the weights in {path} do not fit the model its config describes"
-                         + (f"; its config lacks {missing} (saved by another version of minidetr?), "
-                            f"which took the preset's values" if missing else "")
-                         + f" ({detail[:200]}...)") from None
-    return cfg, model.to(device).eval(), criterion, postprocess
+        return predict.load_model(path, overrides, device, variant)[:4]
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
 
 
-def category_names_of(cfg):
-    if cfg.coco_path or cfg.val_json:
-        return None
-    from minidetr.data import SHAPE_NAMES
-    return {i + 1: n for i, n in enumerate(SHAPE_NAMES)}
+def predict_images(args, loaded, device):
+    """--image (a file, a folder or a video) -> results json (+ drawings); says what it wrote."""
+    summary = predict.predict_files(loaded, args.image, args.out, args.json, args.threshold,
+                                    args.max_detections, args.batch_size, device, args.progress)
+    n, seconds = summary["images"], summary["seconds"]
+    print(f"{n} image(s) in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s"
+          f"{', ' + str(len(summary['unreadable'])) + ' unreadable' if summary['unreadable'] else ''}): "
+          f"{summary['detections']} detections >= --threshold {args.threshold}")
+    print("wrote", summary["json"], "and", summary["images_json"] + (f" and {args.out}" if args.out else ""))
+    if summary["unreadable"]:
+        print(f"{len(summary['unreadable'])} file(s) could not be read (left out):", file=sys.stderr)
+        for name, reason in summary["unreadable"]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+    if n and not summary["detections"]:   # an empty result should say why, not look like a bug
+        print(f"note: no prediction scored >= --threshold {args.threshold} (best {summary['best']:.2f}); "
+              f"{args.out or summary['json']} has no boxes. Pass a lower --threshold to see the boxes "
+              f"(sigmoid-focal scores of a briefly trained model are often below 0.5).", file=sys.stderr)
+    return summary
 
 
-def draw(args, cfg, model, postprocess, device):
+def draw_attention(args, loaded, device):
+    """--image FILE --attention: the top detections' cross-attention maps, one panel per head."""
     from minidetr import draw as drawing
-    image, tensor, mask = drawing.load_image(args.image, cfg.image_size)
-    tensor, mask = tensor.to(device), mask.to(device)
+    from minidetr.check import open_rgb
+    image = open_rgb(args.image, "--image")
+    tensor = predict.image_tensor(image, predict.eval_transform(loaded.cfg))[None].to(device)
+    mask = torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool, device=device)
     orig = torch.tensor([[image.height, image.width]], device=device)
-    names = category_names_of(cfg)
-    if not args.attention:
-        with torch.no_grad():
-            result = postprocess(model(tensor, mask), orig)[0]
-        drawing.draw_predictions(image, result, names, args.threshold).save(args.out)
-        best = float(result["scores"].max()) if len(result["scores"]) else 0.0
-        if best < args.threshold:   # an empty picture should say why, not look like a bug
-            print(f"note: no prediction scored >= --threshold {args.threshold} (best {best:.2f}); "
-                  f"{args.out} shows the image alone. Pass a lower --threshold to see the boxes "
-                  f"(sigmoid-focal scores of a briefly trained model are often below 0.5).",
-                  file=sys.stderr)
-        return
-    outputs, maps = drawing.attention_maps(model, tensor, mask, "prior" if args.prior else "attention")
-    result = postprocess(outputs, orig)[0]
+    names = loaded.categories.names_by_label() if loaded.categories is not None else None
+    outputs, maps = drawing.attention_maps(loaded.model, tensor, mask, "prior" if args.prior else "attention")
+    result = loaded.postprocess(outputs, orig)[0]
     top = min(args.top, len(result["scores"]))
     drawing.draw_attention(image, maps[0], result, list(zip(range(top), result["query_ids"][:top].tolist())),
                            names).save(args.out)
+    print("wrote", args.out)
 
 
 def main(argv=None):
@@ -130,27 +111,32 @@ def main(argv=None):
         sys.exit("error: --resume CHECKPOINT is required (or --plot-logs)")
     device = torch.device(args.device or "cpu")
     overrides = {k: getattr(args, k) for k in ("coco_path", "val_json", "val_images", "amp", "batch_size")}
-    if args.image and not args.out:
-        sys.exit("error: --image needs --out PNG")
-    if args.image and not os.path.isfile(args.image):
+    if args.image and args.attention and not args.out:
+        sys.exit("error: --attention needs --out PNG")
+    if args.image and not os.path.exists(args.image):
         sys.exit(f"error: --image {args.image} does not exist")
-    if args.image:
+    if args.image:   # --out is checked before any work is done for it
         from minidetr.draw import prepare_output
         try:
-            prepare_output(args.out)
-        except ValueError as err:
+            kind = predict.output_kind(args.image, args.out)
+            if kind == "image":
+                prepare_output(args.out)
+            elif kind == "folder":
+                os.makedirs(args.out, exist_ok=True)
+        except (ValueError, OSError) as err:
             sys.exit(f"error: {err}")
     try:
-        cfg, model, criterion, postprocess = load_model(args.resume, overrides, device, args.variant)
+        loaded = predict.load_model(args.resume, overrides, device, args.variant)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    cfg, model, criterion, postprocess = loaded[:4]
     if args.image:
         try:
-            draw(args, cfg, model, postprocess, device)
-        except OSError as err:   # an image PIL cannot decode, named by open_rgb
+            if args.attention:
+                return draw_attention(args, loaded, device)
+            return predict_images(args, loaded, device)
+        except OSError as err:   # an image or video that cannot be decoded, named by open_rgb / PyAV
             sys.exit(f"error: {err}")
-        print("wrote", args.out)
-        return None
     try:
         cfg = dataclasses.replace(cfg, num_workers=args.num_workers, eval=True).validate()
         _, val_set = build_datasets(cfg)

@@ -19,31 +19,17 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
 
-from minidetr.check import open_rgb
-from minidetr.data import Normalize, RandomResize, ToTensor
-
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
-
-
-# ---- input ----
-
-def load_image(path, image_size):
-    """PIL image file -> (RGB PIL image, tensor [1, 3, H, W] normalised, mask [1, H, W]).
-
-    A missing or undecodable file raises FileNotFoundError / OSError naming it."""
-    image = open_rgb(path, "--image")
-    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-              "area": torch.zeros(0), "iscrowd": torch.zeros(0, dtype=torch.int64)}
-    resized, _ = RandomResize([image_size], max_size=int(image_size * 1333 / 800))(image, dict(target))
-    tensor, _ = Normalize()(*ToTensor()(resized, dict(target)))
-    return image, tensor[None], torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool)
 
 
 # ---- predictions ----
 
 def draw_predictions(image, result, category_names=None, threshold=0.5):
-    """Draw result (scores, labels, boxes xyxy in pixels of `image`) above `threshold`."""
+    """Draw result (scores, labels, boxes xyxy in pixels of `image`) above `threshold`.
+
+    category_names: {label: name} (categories.Categories.names_by_label()); a label without
+    a name is written as its number."""
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     keep = result["scores"] >= threshold
