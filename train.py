@@ -20,6 +20,7 @@ A mistake on the command line stops at once with "error: ..." and what to do; un
 torchrun a rank that fails prints "[rank N] error: ..." and the whole job ends.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -29,8 +30,10 @@ import traceback
 
 import torch
 
-from minidetr import build, distributed
+from minidetr import build, distributed, finetune
+from minidetr.checkpoint import append_line
 from minidetr.config import add_arguments, config_from_args
+from minidetr.convert import read_any_checkpoint
 from minidetr.data import move_targets
 from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
                              checkpoint_write_failed, fit_num_classes, load_training_state,
@@ -49,7 +52,9 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:   # every mistake on the command line stops here, before any slow work, with what to do
-        cfg = config_from_args(args)
+        source = (finetune.Source(args.finetune, *read_any_checkpoint(args.finetune, args.variant))
+                  if args.finetune else None)   # official files are converted on the fly
+        cfg = config_from_args(args) if source is None else finetune.config_for(args, source)
         ckpt = read_resume(cfg.resume, cfg) if cfg.resume else None
         device = setup(cfg)
         out_dir = make_output_dir(cfg)
@@ -57,6 +62,11 @@ def main(argv=None):
         train_set, val_set = build_datasets(cfg)
         cfg = fit_num_classes(cfg, (train_set, val_set), args.num_classes is not None)
         model, criterion, postprocess = build(cfg)   # may load --backbone_weights
+        report = None
+        if source is not None and ckpt is None:   # (with --resume, its weights win)
+            report = finetune.load_for_finetune(model, source, cfg, train_set.categories,
+                                                by_name=cfg.finetune_by_name)
+        del source
         model.to(device)
         optimizer, scheduler = build_optimizer(model, cfg)
         # fp16 needs loss scaling (its range ends at 65504); bf16 has float32's range and needs none
@@ -75,13 +85,18 @@ def main(argv=None):
         print(f"minidetr: variant {cfg.variant}{' + dn' if cfg.dn and cfg.variant != 'dn' else ''}, "
               f"preset {cfg.preset}, {n_parameters:,} trainable parameters, {len(val_set)} val images"
               + ("" if train_set is None else f", {len(train_set)} train images"))
+        if report is not None:   # once: what came from the checkpoint, and what did not
+            print(f"fine-tuning from {cfg.finetune}:", *report.lines(), sep="\n")
+            if out_dir:
+                write_log({"finetune": report.to_dict()}, out_dir)
 
     def run_eval():
         # the val transforms draw from torch's generator: fork it, so whether an evaluation ran
         # (a run resumed from an epoch's end skips that epoch's) cannot change the training
         loader = make_loader(val_set, cfg, 0, train=False)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(model, criterion, postprocess, loader, val_set.coco, device, cfg.amp)
+            return evaluate(model, criterion, postprocess, loader, val_set.coco, device, cfg.amp,
+                            categories=val_set.categories)
 
     if cfg.eval:
         result = run_eval()
@@ -89,6 +104,8 @@ def main(argv=None):
             print(f"COCO bbox: {format_stats(result['stats'])}")
         distributed.cleanup()
         return result
+    if cfg.overfit_batches:
+        return overfit(cfg, model, criterion, postprocess, optimizer, scaler, train_set, device)
 
     # ---- the training loop ----
     epoch, step = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
@@ -98,31 +115,8 @@ def main(argv=None):
         while progress.epoch < cfg.epochs:
             model.train()
             meter = LossMeter()
-            for images, mask, targets in progress.batches():
-                images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-                targets = move_targets(targets, device)
-                # forward under autocast (AMP); targets are read by denoising only
-                with torch.autocast(device.type, dtype=AMP_DTYPE[cfg.amp], enabled=cfg.amp != "none"):
-                    outputs = model(images, mask, targets)
-                try:
-                    losses = criterion(outputs, targets)         # float32: outside autocast
-                except ValueError:                               # NaN predictions: name the loss
-                    stop_if_non_finite(meter)                    # that went non-finite first
-                    raise
-                loss = total_loss(losses, criterion.weight_dict)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()                              # DDP all-reduces the gradients here
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)                   # clip the true gradients
-                if cfg.clip_max_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-                if scaler is None:
-                    optimizer.step()
-                else:
-                    scaler.step(optimizer)                       # skipped if fp16 overflowed
-                    scaler.update()
+            for batch in progress.batches():
+                loss, losses = train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter)
                 meter.add(loss, losses, criterion.weight_dict, progress.epoch, progress.step)   # no sync
                 if cfg.log_every and (progress.global_step + 1) % cfg.log_every == 0:
                     stop_if_non_finite(meter)       # the steps since the last look, in one sync
@@ -135,7 +129,7 @@ def main(argv=None):
                 scheduler.step()
             try:
                 progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished)
-            except OSError as err:   # a full disk: save_atomic left the previous file whole
+            except OSError as err:   # a full disk: checkpoint.pth or the epoch's copy left as it was
                 sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
             if progress.stop.should_stop():
                 interrupted(progress, out_dir)
@@ -146,6 +140,9 @@ def main(argv=None):
                 log = {**{f"train_{k}": v for k, v in train_stats.items()},
                        **{f"test_{k}": v for k, v in result["losses"].items()},
                        "test_coco_eval_bbox": result["stats"],
+                       # AP per category id (as in the json), NaN (null) where val has none
+                       "test_ap_per_category": {str(k): (None if v != v else round(v, 5))
+                                                for k, v in result["per_class"].items()},
                        "epoch": progress.epoch - 1 if finished else progress.epoch,
                        "step": progress.global_step, "n_parameters": n_parameters,
                        "epoch_time": round(time.time() - start_time, 1),   # since the run started
@@ -154,10 +151,98 @@ def main(argv=None):
                        if progress.step_times else None,
                        "eval_time": round(time.time() - eval_start, 2),
                        "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2)}
-                write_log(log, train_stats, result, out_dir)
+                if distributed.is_main_process():
+                    print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
+                          f"{format_stats(result['stats'])}", flush=True)
+                write_log(log, out_dir)
             if progress.ended_early:
                 break
     distributed.cleanup()
+    return result
+
+
+def train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter=None):
+    """One optimiser step on one batch -> (weighted loss, {name: unweighted loss}).
+
+    forward (under autocast with --amp; targets are read by denoising only) -> loss in
+    float32 -> backward (DDP all-reduces the gradients there) -> clip -> step. `meter`
+    (LossMeter) names the loss that went non-finite first when NaN predictions reach the matcher.
+    """
+    images, mask, targets = batch
+    images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    targets = move_targets(targets, device)
+    with torch.autocast(device.type, dtype=AMP_DTYPE[cfg.amp], enabled=cfg.amp != "none"):
+        outputs = model(images, mask, targets)
+    try:
+        losses = criterion(outputs, targets)         # float32: outside autocast
+    except ValueError:                               # NaN predictions: name the loss
+        if meter is not None:                        # that went non-finite first
+            stop_if_non_finite(meter)
+        raise
+    loss = total_loss(losses, criterion.weight_dict)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()                              # DDP all-reduces the gradients here
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)                   # clip the true gradients
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)                       # skipped if fp16 overflowed
+        scaler.update()
+    return loss, losses
+
+
+# ---- --overfit_batches: can the model fit a handful of images at all? ----
+
+OVERFIT_WINDOW = 50          # steps per loss average
+OVERFIT_FLAT = 0.02          # "flat": a window's mean loss within 2% of the window before
+OVERFIT_MAX_STEPS = 2000     # unless --max_steps says otherwise
+
+
+def overfit(cfg, model, criterion, postprocess, optimizer, scaler, train_set, device):
+    """Train on the first N batches (unaugmented, in memory) until the loss flattens, then
+    evaluate on exactly those images and say in one line whether the model fits them.
+
+    The classic first check when AP stays at 0: a model that cannot fit 8 images it sees
+    hundreds of times points at the data (labels, boxes, classes), not at the schedule.
+    """
+    from minidetr.data import collate_fn, make_transforms
+    images = copy.copy(train_set)          # the same files and labels, validation transforms
+    images.transforms = make_transforms("val", cfg.preset, cfg.image_size)
+    count = min(cfg.overfit_batches * cfg.batch_size, len(images))
+    images.ids = images.ids[:count]
+    batches = [collate_fn([images[i] for i in range(start, min(start + cfg.batch_size, count))])
+               for start in range(0, count, cfg.batch_size)]
+    max_steps = cfg.max_steps or OVERFIT_MAX_STEPS
+    model.train()
+    window, means, step = [], [], 0
+    for step in range(1, max_steps + 1):
+        loss, _ = train_step(model, criterion, optimizer, scaler, batches[(step - 1) % len(batches)],
+                             cfg, device)
+        window.append(loss.detach())
+        if len(window) == OVERFIT_WINDOW:            # one host sync per window
+            means.append(float(torch.stack(window).mean()))
+            window = []
+            print(f"overfit step {step}: loss {means[-1]:.4f}", flush=True)
+            if means[-1] != means[-1]:
+                sys.exit(f"error: the loss went non-finite by step {step}; try a lower --lr")
+            if len(means) >= 4 and means[-1] > (1 - OVERFIT_FLAT) * means[-2]:
+                break
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, collate_fn=collate_fn)
+    result = evaluate(model, criterion, postprocess, loader, images.coco, device, cfg.amp,
+                      categories=images.categories)
+    ap50 = result["stats"][1]
+    verdict = ("fits them: the data and labels are learnable" if ap50 >= 0.9 else
+               "fits them only partly" if ap50 >= 0.5 else
+               "cannot fit them: look at the labels, boxes and classes (python -m minidetr.check), "
+               "or the learning rate")
+    print(f"overfit: {count} images, {step} steps, loss {means[0] if means else float('nan'):.3f} -> "
+          f"{means[-1] if means else float('nan'):.3f}, AP50 on them {ap50:.3f}: the model {verdict}",
+          flush=True)
     return result
 
 
@@ -191,15 +276,16 @@ def make_output_dir(cfg):
     return out_dir
 
 
-def write_log(log, train_stats, result, out_dir):
-    """Rank 0: one line on the terminal, one JSON line in log.txt (official DETR's keys)."""
+def write_log(log, out_dir):
+    """Rank 0: one JSON line in log.txt (official DETR's keys; a fine-tuned run's first line
+    says where its weights came from)."""
     if not distributed.is_main_process():
         return
-    print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
-          f"{format_stats(result['stats'])}", flush=True)
     if out_dir:
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(log) + "\n")
+        try:   # all of the line or none of it: a full disk leaves the earlier lines whole
+            append_line(os.path.join(out_dir, "log.txt"), json.dumps(log) + "\n")
+        except OSError as err:
+            sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
 
 
 def interrupted(progress, out_dir):

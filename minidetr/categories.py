@@ -20,6 +20,8 @@ names, and fine-tuning can carry class rows over by name (minidetr/finetune.py).
 """
 import re
 
+from minidetr.shapes import SHAPE_NAMES
+
 # COCO 2017's 80 categories by id (instances_*.json), what an official COCO checkpoint's rows mean
 COCO_NAMES = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
@@ -128,6 +130,5 @@ def for_checkpoint(ckpt, cfg=None):
     if settings.get("coco_path"):          # COCO 2017 itself: its ids are the labels
         return Categories.coco()
     if not (settings.get("coco_path") or settings.get("train_json") or settings.get("val_json")):
-        from minidetr.shapes import SHAPE_NAMES
         return Categories({i + 1: name for i, name in enumerate(SHAPE_NAMES)})
     return None

@@ -102,6 +102,12 @@ class Config:
     device: str = _f("cpu", "cpu | cuda | cuda:N")
     seed: int = _f(42, "random seed")
     resume: str = _f("", "checkpoint to resume from (ours, or an official one with --variant)")
+    finetune: str = _f("", "start a new run from these weights (minidetr's or an official "
+                           "checkpoint): new optimiser, epoch 0; class rows follow the categories")
+    finetune_by_name: bool = _f(True, "with --finetune: copy the class rows of categories whose "
+                                      "names the checkpoint knows (--no_finetune_by_name: all fresh)")
+    overfit_batches: int = _f(0, "train on the same N batches, unaugmented, until the loss "
+                                 "flattens, then say whether the model fits them (AP50 on them)")
     start_epoch: int = _f(0, "first epoch (set from the checkpoint when resuming)")
     eval: bool = _f(False, "only evaluate")
     num_workers: int = _f(2, "data loading workers")
@@ -176,7 +182,7 @@ RANGES = dict(
     batch_size=1, epochs=1, lr_drop=1, eval_every=1, keep_checkpoints=1, num_classes=1,
     hidden_dim=1, nheads=1, dim_feedforward=1, dec_layers=1, num_queries=1, num_select=1,
     scalar=1, image_size=32, shapes_train=1, shapes_val=1,
-    enc_layers=0, num_workers=0, max_steps=0, log_every=0, start_epoch=0,
+    enc_layers=0, num_workers=0, max_steps=0, log_every=0, start_epoch=0, overfit_batches=0,
     weight_decay=0.0, clip_max_norm=0.0, dropout=0.0, giou_eps=0.0,
     set_cost_class=0.0, set_cost_bbox=0.0, set_cost_giou=0.0,
     cls_loss_coef=0.0, bbox_loss_coef=0.0, giou_loss_coef=0.0,

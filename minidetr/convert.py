@@ -47,6 +47,7 @@ import sys
 import torch
 
 from minidetr.backbone import RESNETS
+from minidetr.categories import Categories, for_checkpoint
 from minidetr.checkpoint import is_official_checkpoint, load_safely, save_atomic
 from minidetr.config import Config
 from minidetr.detr import build
@@ -314,6 +315,36 @@ def convert_file(ckpt, variant, **overrides):
     args.update(overrides)
     cfg = config_from_official_args(args, variant, state_dict)
     return cfg, convert_official_checkpoint(state_dict, variant, cfg)
+
+
+def read_any_checkpoint(path, variant=None):
+    """A minidetr or official checkpoint file -> (settings dict, minidetr state_dict, Categories or None).
+
+    Official files (no minidetr 'config') are converted here; `variant` says which reference
+    saved one (default: guessed from its weights' names). A minidetr file from another
+    version of minidetr: a setting it lacks takes its preset's value, one this version does
+    not know is dropped. ValueError / FileNotFoundError say what is wrong with the file.
+    """
+    ckpt = load_safely(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
+    if "config" in ckpt:
+        saved = dict(ckpt["config"])
+        defaults = Config.for_variant(saved.get("variant", "detr"), saved.get("preset", "paper")).to_dict()
+        settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+        return settings, ckpt["model"], for_checkpoint(ckpt)
+    if not is_official_checkpoint(ckpt):
+        raise ValueError(f"{path} has neither a minidetr 'config' nor an official 'args' entry")
+    variant = variant or guess_variant(ckpt["model"])
+    if variant is None:
+        raise ValueError(f"{path} is an official checkpoint whose model cannot be told from its "
+                         f"weights: say which with --variant {{detr,conditional,smca,dn,dab}}")
+    try:
+        cfg, state_dict = convert_file(ckpt, variant)
+    except ValueError as err:
+        raise ValueError(f"cannot convert {path} as --variant {variant}: {err}") from None
+    # the references train COCO with its ids as rows (91 = largest id + 1): COCO's names
+    return cfg.to_dict(), state_dict, Categories.coco() if cfg.num_classes == 91 else None
 
 
 def main(argv=None):

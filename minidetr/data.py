@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from minidetr.categories import Categories
 from minidetr.check import ERROR, DatasetError, box_fate, check_split, open_rgb, split_files, warning_line
 # re-exported: engine.py, eval.py, tests and users import the shapes generator from here
 from minidetr.shapes import SHAPE_NAMES, default_shapes_root, make_shapes_dataset  # noqa: F401
@@ -205,8 +206,10 @@ def make_transforms(split, preset='tiny', image_size=128):
 
 # ---- COCO-format dataset (pycocotools) ----
 
-def _objects_per_image(data):
+def _objects_per_image(data, label_of):
     """Per image: (xyxy box clipped to the image, label, area) of every box training uses.
+
+    label_of: {category id: label}, the class-head row of each category (categories.py).
 
     check.box_fate decides what DETR keeps (crowd regions and empty boxes are dropped, the
     rest clipped), the same function the dataset check counts the dropped ones with. The
@@ -220,7 +223,7 @@ def _objects_per_image(data):
         ann.setdefault('iscrowd', 0)
         ann.setdefault('area', (box[2] - box[0]) * (box[3] - box[1]) if box else 0.0)
         if box is not None:
-            per_image[ann['image_id']].append((box, ann['category_id'], ann['area']))
+            per_image[ann['image_id']].append((box, label_of[ann['category_id']], ann['area']))
     return per_image
 
 
@@ -228,16 +231,19 @@ class CocoDetection(torch.utils.data.Dataset):
     """Any COCO-format detection dataset: item = (image [3, H, W], target dict).
 
     target: boxes float [T, 4] (cxcywh in [0, 1] once Normalize ran), labels int64 [T]
-    (raw category ids, DETR's convention, so num_classes = max id + 1), image_id int,
+    (the class-head row of each box's category: its id, DETR's convention, unless the ids
+    are sparse; see minidetr/categories.py), image_id int,
     area float [T], iscrowd int64 [T], orig_size int64 [2] (h, w) on disk, size int64
     [2] (h, w) after the transforms. transforms=None means ToTensor + Normalize only.
     data: the parsed json, already checked (train.py checks every split at its door,
     minidetr/check.py); None reads ann_file and checks it here, json only: any error
     raises check.DatasetError (a ValueError) naming the file and the ids, and what
     training skips is named in one warning. Image files are read when an item is.
+    categories: the id -> label table shared by every split of a run (train.py builds
+    it from all of them); None builds it from this json's categories.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None, data=None):
+    def __init__(self, img_folder, ann_file, transforms=None, data=None, categories=None):
         from pycocotools.coco import COCO
         self.img_folder, self.ann_file = str(img_folder), str(ann_file)
         if transforms is None:
@@ -251,14 +257,15 @@ class CocoDetection(torch.utils.data.Dataset):
             line = warning_line(findings, self.ann_file)
             if line:
                 warnings.warn(line, stacklevel=2)
-        self._objects = _objects_per_image(data)
+        self.categories = categories or Categories.from_datasets(data['categories'])
+        self._objects = _objects_per_image(data, self.categories.label_of)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco.createIndex()
         self.ids = sorted(self.coco.imgs)  # every image, with or without objects
         self.category_names = {cat['id']: cat['name'] for cat in data['categories']}
-        self.num_classes_needed = max(self.category_names, default=0) + 1
+        self.num_classes_needed = self.categories.num_classes
 
     def __len__(self):
         return len(self.ids)

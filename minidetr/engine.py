@@ -15,7 +15,6 @@ everything here is what that loop calls. Two properties matter beyond getting th
 import dataclasses
 import os
 import re
-import shutil
 import signal
 import time
 
@@ -23,8 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from minidetr import distributed
+from minidetr.categories import Categories
 from minidetr.check import check_before_training, split_files
-from minidetr.checkpoint import is_official_checkpoint, load_safely, rng_state, save_atomic, set_rng_state
+from minidetr.checkpoint import (cannot_write, copy_atomic, is_official_checkpoint, load_safely, rng_state,
+                                 save_atomic, set_rng_state)
 from minidetr.data import (CocoDetection, collate_fn, default_shapes_root, make_shapes_dataset,
                            make_transforms)
 from minidetr.optim import AdamW, StepDrop
@@ -60,13 +61,14 @@ def build_optimizer(model, cfg):
 
 # ---- datasets ----
 
-def build_datasets(cfg):
+def build_datasets(cfg, categories=None):
     """(train, val) datasets: COCO, a custom COCO-format pair, or the built-in shapes.
 
     train is None with cfg.eval. Every split is checked before any is built
     (minidetr/check.py): DatasetError lists every defect that would stop or corrupt the run,
     and what training skips is named once. The class count they need is checked by
-    `fit_num_classes`.
+    `fit_num_classes`. Both splits share one category table (minidetr/categories.py):
+    `categories` (a checkpoint's, when evaluating it) or the union of their json lists.
     """
     splits = ("val",) if cfg.eval else ("train", "val")
     if cfg.coco_path or cfg.train_json or cfg.val_json:
@@ -80,24 +82,41 @@ def build_datasets(cfg):
         paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
         files = {s: (paths[f"{s}_json"], paths[f"{s}_images"]) for s in splits}
     data = check_before_training(files, verbose=distributed.is_main_process())
-    built = {s: CocoDetection(folder, json_file, make_transforms(s, cfg.preset, cfg.image_size), data=data[s])
+    categories = categories or Categories.from_datasets(*(data[s]["categories"] for s in splits))
+    for s in splits:
+        unknown = [c["id"] for c in data[s]["categories"] if c["id"] not in categories.label_of]
+        if unknown:
+            raise ValueError(f"{files[s][0]} lists category id {unknown[0]!r}, which the model's "
+                             f"class head has no row for (it knows {len(categories.names)} categories)")
+    if categories.remapped and distributed.is_main_process():
+        largest = max(categories.label_of, key=lambda i: (isinstance(i, str), i))
+        print(f"categories: {len(categories.names)} ids up to {largest!r}: the class head gets rows "
+              f"0..{categories.num_classes - 1} in id order, mapped back to the ids in every result")
+    built = {s: CocoDetection(folder, json_file, make_transforms(s, cfg.preset, cfg.image_size),
+                              data=data[s], categories=categories)
              for s, (json_file, folder) in files.items()}
     return built.get("train"), built["val"]
 
 
 def fit_num_classes(cfg, datasets, num_classes_given):
-    """cfg, or a copy with num_classes = the largest category id + 1 the datasets hold.
+    """cfg, or a copy with num_classes = the class-head rows the datasets need.
 
-    A label >= num_classes would index past the classifier (or be read as "no object"):
-    a --num_classes the user gave that is too small is an error, the preset's is raised.
+    Rows: the largest category id + 1 (ids as labels), or the number of categories when the
+    ids are sparse (minidetr/categories.py). A label >= num_classes would index past the
+    classifier (or be read as "no object"): a --num_classes the user gave that is too small
+    is an error naming the file that needs more, the preset's is raised.
     """
-    largest = max((d for d in datasets if d is not None), key=lambda d: d.num_classes_needed)
-    needed = largest.num_classes_needed
+    def rows(d):   # what this split's own categories need under the shared table
+        return max((d.categories.label_of[i] for i in d.category_names), default=0) + 1
+    largest = max((d for d in datasets if d is not None), key=rows)
+    needed = rows(largest)
     if cfg.num_classes >= needed:
         return cfg
     if num_classes_given:
-        raise ValueError(f"--num_classes {cfg.num_classes} is smaller than the largest category "
-                         f"id + 1 = {needed} in {largest.ann_file}; pass --num_classes {needed} or more")
+        what = (f"the {needed} rows its {len(largest.categories.names)} sparse category ids are given"
+                if largest.categories.remapped else f"the largest category id + 1 = {needed}")
+        raise ValueError(f"--num_classes {cfg.num_classes} is smaller than {what} "
+                         f"in {largest.ann_file}; pass --num_classes {needed} or more")
     return dataclasses.replace(cfg, num_classes=needed)
 
 
@@ -262,13 +281,13 @@ def load_training_state(path, ckpt, cfg, optimizer, scheduler, scaler):
 def rotate_checkpoints(out_dir, epoch, keep):
     """Copy checkpoint.pth to checkpoint_eEEEE.pth, then drop the copies of epochs <= epoch - keep.
 
-    The copy goes through a temporary name too: a crash leaves no half-written epoch file.
+    The copy goes through a temporary name too: a crash leaves no half-written epoch file,
+    and a full disk raises WriteError (see checkpoint_write_failed) with no temporary file left.
     """
     if keep <= 1:
         return
     target = os.path.join(out_dir, f"checkpoint_e{epoch:04d}.pth")
-    shutil.copyfile(os.path.join(out_dir, "checkpoint.pth"), target + ".tmp")
-    os.replace(target + ".tmp", target)
+    copy_atomic(os.path.join(out_dir, "checkpoint.pth"), target)
     for name in os.listdir(out_dir):
         old = re.fullmatch(r"checkpoint_e(\d+)\.pth", name)
         if old and int(old.group(1)) <= epoch - keep:
@@ -289,6 +308,7 @@ class TrainingProgress:
 
     def __init__(self, cfg, train_set, epoch=0, step=0):
         self.cfg, self.data = cfg, SeededDataset(train_set, cfg.seed)
+        self.categories = train_set.categories   # saved with the weights: what their class rows mean
         self.steps_per_epoch = -(-len(train_set) // (cfg.batch_size * distributed.get_world_size()))
         self.epoch, self.step = epoch, step
         self.global_step = epoch * self.steps_per_epoch + step
@@ -349,16 +369,20 @@ class TrainingProgress:
                      "lr_scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
                      "epoch": self.epoch, "step": self.step, "config": self.cfg.to_dict(),
-                     "rng": rngs, "world_size": len(rngs)}, os.path.join(out_dir, "checkpoint.pth"))
+                     "rng": rngs, "world_size": len(rngs), "categories": self.categories.to_list()},
+                    os.path.join(out_dir, "checkpoint.pth"))
         if finished:
             rotate_checkpoints(out_dir, self.epoch, self.cfg.keep_checkpoints)
 
 
 def checkpoint_write_failed(err, out_dir):
-    """What to say when writing checkpoint.pth failed (a full disk, say)."""
-    path = os.path.join(out_dir, "checkpoint.pth")
-    return (f"cannot write {path}: {err.strerror or err}; the checkpoint saved there before (if any) "
-            f"is unchanged: free some space, then continue with --resume {path}")
+    """The one line when writing a file of the run failed (a full disk, say): checkpoint.pth,
+    an epoch's copy or log.txt, named by the WriteError its writer raised with the bytes it
+    needed; the writer left that file as it was, and checkpoint.pth (if written yet) is where
+    to go on from."""
+    resume = os.path.join(out_dir, "checkpoint.pth")
+    return cannot_write(err.filename or resume, err, getattr(err, "needed", None),
+                        then=f"continue with --resume {resume}" if os.path.isfile(resume) else "run it again")
 
 
 # ---- per-step bookkeeping ----

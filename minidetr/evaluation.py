@@ -7,7 +7,9 @@ number the project reports comes from the official metric computed one way:
           101-point interpolated precision/recall curve (COCOeval's first statistic)
 
 Detections are the post-processed boxes (xyxy pixels of the original image) converted to
-COCO's (x, y, w, h); labels are raw category ids, as DETR trains with them. Under DDP each
+COCO's (x, y, w, h); a label is the category id itself, as DETR trains with them, unless
+the dataset's ids were sparse and got rows 0..n-1 (minidetr/categories.py): then the
+table maps each label back to the dataset's id. Under DDP each
 rank evaluates its shard, the detections are gathered, and rank 0 (every rank, in fact:
 the call is cheap) computes the 12 statistics. Images a sampler repeated to even out the
 shards are counted once.
@@ -37,20 +39,26 @@ def autocast(device, amp):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def to_coco_detections(image_id, result):
-    """One image's post-processed result -> COCO result dicts (bbox as x, y, w, h)."""
-    boxes = result["boxes"].tolist()
-    return [{"image_id": int(image_id), "category_id": int(label), "score": float(score),
+def to_coco_detections(image_id, result, id_of=None):
+    """One image's post-processed result -> COCO result dicts (bbox as x, y, w, h).
+
+    id_of: {label: category id} (Categories.id_of); None or a label it lacks: the label itself.
+    """
+    boxes, id_of = result["boxes"].tolist(), id_of or {}
+    return [{"image_id": int(image_id), "category_id": id_of.get(label, label), "score": float(score),
              "bbox": [x1, y1, x2 - x1, y2 - y1]}
             for (x1, y1, x2, y2), label, score in zip(boxes, result["labels"].tolist(),
                                                        result["scores"].tolist())]
 
 
 @torch.no_grad()
-def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none", progress=True):
+def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none", progress=True,
+             categories=None):
     """-> dict(stats=[12 floats], per_class={cat_id: AP}, losses={name: mean}, detections=n,
     images=n, loop_seconds=s): loop_seconds is the batch loop (loading, forward, losses,
-    post-processing), as DETR's evaluate times it, without the COCOeval summary after it."""
+    post-processing), as DETR's evaluate times it, without the COCOeval summary after it.
+    categories: the dataset's Categories (labels -> its ids); None: labels are the ids."""
+    id_of = categories.id_of if categories is not None else None
     model.eval()
     detections, loss_sums, batches, images_seen = {}, defaultdict(float), 0, 0
     start = time.perf_counter()
@@ -68,7 +76,7 @@ def evaluate(model, criterion, postprocess, loader, coco_gt, device, amp="none",
         batches, images_seen = batches + 1, images_seen + len(targets)
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         for target, result in zip(targets, postprocess(outputs, orig_sizes)):
-            detections[int(target["image_id"])] = to_coco_detections(target["image_id"], result)
+            detections[int(target["image_id"])] = to_coco_detections(target["image_id"], result, id_of)
     loop_seconds = time.perf_counter() - start
     merged = {}
     for part in distributed.all_gather_object(detections):   # dedupe sampler padding
