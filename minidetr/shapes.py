@@ -42,6 +42,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPE_NAMES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'ring')
+# more kinds the generator can draw, for a second dataset that shares some classes by name
+# and adds new ones (make_shapes_dataset's `shapes`; the fine-tuning benchmark uses it)
+MORE_SHAPES = ('star', 'hexagon', 'pentagon')
 SHAPES_VERSION = 3  # bump when the drawing code or the defaults change, so caches regenerate
 
 
@@ -54,9 +57,21 @@ def default_shapes_root():
 # so boxes are exact. A new shape is rejected if it would hide more than 1 - min_visible
 # of an earlier one, so every drawn object is labelled and none is mostly hidden.
 
+def _polygon(xm, ym, rx, ry, corners, inner=1.0):
+    """Corners of a regular polygon (a star when inner < 1: every other corner pulled in),
+    one corner at the top, inside the ellipse of radii (rx, ry) around (xm, ym)."""
+    points = []
+    for i in range(corners * (2 if inner < 1 else 1)):
+        angle = -math.pi / 2 + i * math.pi * (1 if inner < 1 else 2) / corners
+        r = inner if inner < 1 and i % 2 else 1.0
+        points.append((xm + r * rx * math.cos(angle), ym + r * ry * math.sin(angle)))
+    return points
+
+
 def _draw_shape(draw, kind, x0, y0, x1, y1):
     """Fill `kind` inside the inclusive pixel box (x0, y0)-(x1, y1)."""
     xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    rx, ry = (x1 - x0) / 2, (y1 - y0) / 2
     thick = max(2, round(min(x1 - x0, y1 - y0) / 3))  # bar width of the cross
     if kind == 'circle':
         draw.ellipse([x0, y0, x1, y1], fill=255)
@@ -68,6 +83,9 @@ def _draw_shape(draw, kind, x0, y0, x1, y1):
         draw.polygon([(x0, y1), (x1, y1), (xm, y0)], fill=255)
     elif kind == 'diamond':
         draw.polygon([(xm, y0), (x1, ym), (xm, y1), (x0, ym)], fill=255)
+    elif kind in ('star', 'hexagon', 'pentagon'):
+        corners, inner = {'star': (5, 0.45), 'hexagon': (6, 1.0), 'pentagon': (5, 1.0)}[kind]
+        draw.polygon(_polygon(xm, ym, rx, ry, corners, inner), fill=255)
     else:  # cross: a horizontal and a vertical bar
         draw.rectangle([x0, round(ym - thick / 2), x1, round(ym + thick / 2)], fill=255)
         draw.rectangle([round(xm - thick / 2), y0, round(xm + thick / 2), y1], fill=255)
@@ -83,7 +101,7 @@ def _random_shape(rng, p):
     x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
     kind = int(rng.integers(p['num_classes']))
     canvas = Image.new('L', (size, size), 0)
-    _draw_shape(ImageDraw.Draw(canvas), SHAPE_NAMES[kind], x0, y0, x0 + w - 1, y0 + h - 1)
+    _draw_shape(ImageDraw.Draw(canvas), p['shapes'][kind], x0, y0, x0 + w - 1, y0 + h - 1)
     return kind, np.asarray(canvas) > 0
 
 
@@ -171,7 +189,7 @@ def _write_split(folder, split, count, p):
             annotations.append({'id': len(annotations) + 1, 'image_id': image_id,
                                 'category_id': category_id, 'bbox': box,
                                 'area': box[2] * box[3], 'iscrowd': 0})
-    categories = [{'id': i + 1, 'name': SHAPE_NAMES[i], 'supercategory': 'shape'}
+    categories = [{'id': i + 1, 'name': p['shapes'][i], 'supercategory': 'shape'}
                   for i in range(p['num_classes'])]
     info = {'description': 'minidetr synthetic shapes', 'version': str(SHAPES_VERSION)}
     return {'info': info, 'licenses': [], 'images': images, 'annotations': annotations,
@@ -195,9 +213,10 @@ def _read_manifest(root):
 
 
 def _generate_into(folder, params):
+    drawing = {'shapes': SHAPE_NAMES, **params}   # the default kinds when none were named
     os.makedirs(os.path.join(folder, 'annotations'))
     for split, count in (('train', params['num_train']), ('val', params['num_val'])):
-        coco = _write_split(folder, split, count, params)
+        coco = _write_split(folder, split, count, drawing)
         with open(os.path.join(folder, 'annotations', f'{split}.json'), 'w') as f:
             json.dump(coco, f)
     with open(os.path.join(folder, 'manifest.json'), 'w') as f:  # last: marks complete
@@ -207,7 +226,7 @@ def _generate_into(folder, params):
 def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image_size=128,
                         num_classes=6, min_objects=1, max_objects=3, empty_frac=0.02,
                         min_size=24, max_size_frac=0.6, aspect_jitter=0.3, clutter=0.3,
-                        min_visible=0.3, min_contrast=60.0):
+                        min_visible=0.3, min_contrast=60.0, shapes=None):
     """Write the synthetic shapes dataset (COCO json + PNG) under root, once.
 
     Idempotent: if root/manifest.json holds the same parameters nothing is done; if
@@ -215,13 +234,19 @@ def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image
     folder and renamed into place, with the manifest written last, so an interrupted
     run never leaves a folder that looks complete. The same seed gives byte-identical
     files; image i depends only on (seed, split, i). clutter scales distractor
-    blobs/lines and pixel noise (0 = plain gradient). Under DDP call it on rank 0 first,
+    blobs/lines and pixel noise (0 = plain gradient). shapes: the kinds drawn, category
+    ids 1..K in this order (default SHAPE_NAMES; MORE_SHAPES adds kinds). Under DDP call it on rank 0 first,
     then barrier, so ranks do not generate side by side.
     Returns dict of root, train_json, train_images, val_json, val_images, num_classes.
     """
     root = os.path.abspath(root or default_shapes_root())
-    if not 1 <= num_classes <= len(SHAPE_NAMES) or not 0 <= min_objects <= max_objects:
-        raise ValueError(f"make_shapes_dataset: need 1 <= num_classes <= {len(SHAPE_NAMES)} "
+    kinds = SHAPE_NAMES if shapes is None else tuple(shapes)
+    unknown = [k for k in kinds if k not in SHAPE_NAMES + MORE_SHAPES]
+    if unknown or len(set(kinds)) != len(kinds):
+        raise ValueError(f"make_shapes_dataset: shapes must be distinct names from "
+                         f"{SHAPE_NAMES + MORE_SHAPES}, got {kinds}")
+    if not 1 <= num_classes <= len(kinds) or not 0 <= min_objects <= max_objects:
+        raise ValueError(f"make_shapes_dataset: need 1 <= num_classes <= {len(kinds)} "
                          f"and 0 <= min_objects <= max_objects")
     if not 4 <= min_size <= max_size_frac * image_size:
         raise ValueError(f"make_shapes_dataset: min_size {min_size} px must be between 4 and "
@@ -232,6 +257,8 @@ def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image
                   max_objects=max_objects, empty_frac=empty_frac, min_size=min_size,
                   max_size_frac=max_size_frac, aspect_jitter=aspect_jitter, clutter=clutter,
                   min_visible=min_visible, min_contrast=min_contrast)
+    if shapes is not None:   # only then: the default dataset's manifest (and cache) stay as they were
+        params['shapes'] = list(kinds)
     if _read_manifest(root) == params:
         return _shapes_paths(root, num_classes)
     if os.path.exists(root) and os.listdir(root) and _read_manifest(root) is None:
