@@ -104,13 +104,14 @@ def fit_num_classes(cfg, datasets, num_classes_given):
     Rows: the largest category id + 1 (ids as labels), or the number of categories when the
     ids are sparse (minidetr/categories.py). A label >= num_classes would index past the
     classifier (or be read as "no object"): a --num_classes the user gave that is too small
-    is an error naming the file that needs more, the preset's is raised.
+    is an error naming the file that needs more; one the user did not give is set to the
+    rows needed (the preset's 91 or 7 are COCO's and the shapes' own counts).
     """
     def rows(d):   # what this split's own categories need under the shared table
         return max((d.categories.label_of[i] for i in d.category_names), default=0) + 1
     largest = max((d for d in datasets if d is not None), key=rows)
     needed = rows(largest)
-    if cfg.num_classes >= needed:
+    if cfg.num_classes >= needed and (num_classes_given or cfg.num_classes == needed):
         return cfg
     if num_classes_given:
         what = (f"the {needed} rows its {len(largest.categories.names)} sparse category ids are given"
