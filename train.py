@@ -38,11 +38,8 @@ from minidetr.data import move_targets
 from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
                              checkpoint_write_failed, fit_num_classes, load_training_state,
                              load_weights, make_loader, read_resume)
-from minidetr.evaluation import evaluate, format_stats
+from minidetr.evaluation import autocast, evaluate, format_stats
 from minidetr.losses import total_loss
-
-AMP_DTYPE = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def get_args_parser():
     parser = argparse.ArgumentParser("minidetr training", description=__doc__.split("\n\n")[0])
@@ -69,8 +66,9 @@ def main(argv=None):
         del source
         model.to(device)
         optimizer, scheduler = build_optimizer(model, cfg)
-        # fp16 needs loss scaling (its range ends at 65504); bf16 has float32's range and needs none
-        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        # fp16 needs loss scaling (its range ends at 65504); bf16 has float32's range and needs
+        # none: a disabled scaler passes the loss and the step through unchanged
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         if ckpt is not None:
             load_weights(cfg.resume, ckpt, model, cfg)
             if not cfg.eval:
@@ -171,7 +169,7 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter=No
     images, mask, targets = batch
     images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
     targets = move_targets(targets, device)
-    with torch.autocast(device.type, dtype=AMP_DTYPE[cfg.amp], enabled=cfg.amp != "none"):
+    with autocast(device, cfg.amp):                  # the evaluation's autocast too
         outputs = model(images, mask, targets)
     try:
         losses = criterion(outputs, targets)         # float32: outside autocast
@@ -181,18 +179,12 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter=No
         raise
     loss = total_loss(losses, criterion.weight_dict)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()                              # DDP all-reduces the gradients here
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)                   # clip the true gradients
+    scaler.scale(loss).backward()                    # DDP all-reduces the gradients here
+    scaler.unscale_(optimizer)                       # fp16: clip the true gradients
     if cfg.clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)                       # skipped if fp16 overflowed
-        scaler.update()
+    scaler.step(optimizer)                           # fp16: skipped if the gradients overflowed
+    scaler.update()
     return loss, losses
 
 

@@ -13,7 +13,7 @@ the pixels show, only the number of objects (the matcher's and the losses' work)
 4 per tiny image, 7 per paper image (COCO train2017 has ~7.3 per image).
 
 What one measurement is:
-  - training step: the statements of train.py's loop (`train_step` below) over the same
+  - training step: train.py's own `train_step` (the function its loop calls) over the same
     batch already on the device: forward under autocast, the set criterion with its
     Hungarian matching, backward, gradient clipping, AdamW step, and the loop's own
     bookkeeping (LossMeter; its finiteness check, which train.py makes every --log_every
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.
 from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
 from minidetr import Config, build                                # noqa: E402
 from minidetr.engine import LossMeter, build_optimizer  # noqa: E402
+from train import train_step      # noqa: E402  the training step itself, as train.py's loop runs it
 from minidetr.evaluation import autocast                          # noqa: E402
 from minidetr.losses import total_loss                            # noqa: E402
 
@@ -164,7 +165,7 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
     model.to(device)
     criterion.matcher = TimedMatcher(criterion.matcher, device)
     optimizer, _ = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     orig_sizes = torch.stack([t["orig_size"] for t in targets])
     sync(device)
     out = dict(preset=preset, variant=variant, device=device.type, amp=amp, batch=batch, height=height,
@@ -193,7 +194,8 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
     model.train()
     meter = LossMeter()
     for step in range(warmup + iters):
-        train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, device, meter, step)
+        loss, losses = train_step(model, criterion, optimizer, scaler, (images, mask, targets), cfg, device)
+        meter.add(loss, losses, criterion.weight_dict, 0, step)   # train.py looks every N steps
         sync(device)
         stamps.append(time.perf_counter())
         matcher.append(criterion.matcher.seconds)
@@ -211,7 +213,7 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
         def infer():   # not under no_grad: FlopCounterMode's module hooks fail on views made there
             model(images, mask)
 
-        def forward_backward():   # not train_step: that name is the module's timed step above
+        def forward_backward():   # not train_step: it would also step the optimiser
             losses = criterion(model(images, mask, targets), targets)
             total_loss(losses, criterion.weight_dict).backward()
         model.eval()
@@ -220,28 +222,6 @@ def measure(preset, variant, device, amp, iters, warmup, flops=True):
         out["train_flops_per_img"] = count_flops(forward_backward) / batch
         optimizer.zero_grad(set_to_none=True)
     return out
-
-
-def train_step(model, criterion, optimizer, scaler, images, mask, targets, cfg, device, meter, step):
-    """One step of train.py's loop, statement for statement (kept in step with it)."""
-    with autocast(device, cfg.amp):
-        outputs = model(images, mask, targets)
-    losses = criterion(outputs, targets)
-    loss = total_loss(losses, criterion.weight_dict)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    if cfg.clip_max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    meter.add(loss, losses, criterion.weight_dict, 0, step)   # train.py checks it every N steps
 
 
 def describe_machine(device):

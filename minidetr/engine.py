@@ -272,7 +272,7 @@ def load_training_state(path, ckpt, cfg, optimizer, scheduler, scaler):
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
+        if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:   # one state per rank (a world of another size: from an epoch's end)
             rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
@@ -368,7 +368,7 @@ class TrainingProgress:
             return
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "scaler": scaler.state_dict(),      # {} when disabled (no fp16)
                      "epoch": self.epoch, "step": self.step, "config": self.cfg.to_dict(),
                      "rng": rngs, "world_size": len(rngs), "categories": self.categories.to_list()},
                     os.path.join(out_dir, "checkpoint.pth"))
