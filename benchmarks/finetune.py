@@ -199,7 +199,7 @@ def plot(found, out_png):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=3, help="runs at a time (pretraining: 2 threads, the others 1)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time after the pretraining, one thread each")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = p.parse_args()
@@ -209,14 +209,12 @@ def main():
     if not args.report_only:
         pretrained = OUT / "pretrain" / "checkpoint.pth"
         name_of = lambda arm, seed: f"{arm.replace(' ', '_')}_seed{seed}"
+        # the pretraining alone first, on both cores: two torch threads beside other runs wait
+        # on each other (oversubscribed cores) and crawl
+        pretrain()
         with cf.ThreadPoolExecutor(args.jobs) as pool:
-            # from scratch needs no pretraining: those runs go beside it
-            pending = [pool.submit(pretrain)] + [
-                pool.submit(run, name_of("scratch", seed), arm_argv("scratch", seed, paths, None, args.steps),
-                            args.steps) for seed in SEEDS]
-            pending[0].result()
-            pending += [pool.submit(run, name_of(arm, seed), arm_argv(arm, seed, paths, pretrained, args.steps),
-                                    args.steps) for seed in SEEDS for arm in ARMS if arm != "scratch"]
+            pending = [pool.submit(run, name_of(arm, seed), arm_argv(arm, seed, paths, pretrained, args.steps),
+                                   args.steps) for seed in SEEDS for arm in ARMS]
             for done in cf.as_completed(pending):
                 print("done:", done.result(), flush=True)
                 report(curves(categories), args.steps, overfit, args.results)
