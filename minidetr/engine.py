@@ -26,8 +26,7 @@ from minidetr.categories import Categories
 from minidetr.check import check_before_training, split_files
 from minidetr.checkpoint import (cannot_write, copy_atomic, is_official_checkpoint, load_safely, rng_state,
                                  save_atomic, set_rng_state)
-from minidetr.data import (CocoDetection, collate_fn, default_shapes_root, make_shapes_dataset,
-                           make_transforms)
+from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
 from minidetr.optim import AdamW, StepDrop
 
 
@@ -75,11 +74,10 @@ def build_datasets(cfg, categories=None):
         files = {s: split_files(s, cfg.coco_path, getattr(cfg, f"{s}_json"), getattr(cfg, f"{s}_images"))
                  for s in splits}
     else:
-        root = os.path.join(default_shapes_root(), f"n{cfg.shapes_train}_v{cfg.shapes_val}")
         if distributed.is_main_process():      # one writer; the others wait for it
-            make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+            make_shapes_dataset(num_train=cfg.shapes_train, num_val=cfg.shapes_val)
         distributed.barrier()
-        paths = make_shapes_dataset(root, num_train=cfg.shapes_train, num_val=cfg.shapes_val)
+        paths = make_shapes_dataset(num_train=cfg.shapes_train, num_val=cfg.shapes_val)
         files = {s: (paths[f"{s}_json"], paths[f"{s}_images"]) for s in splits}
     data = check_before_training(files, verbose=distributed.is_main_process())
     categories = categories or Categories.from_datasets(*(data[s]["categories"] for s in splits))

@@ -52,6 +52,13 @@ def default_shapes_root():
     return os.path.expanduser(os.environ.get('MINIDETR_DATA', '~/.cache/minidetr/shapes'))
 
 
+def builtin_root(num_train, num_val):
+    """Where the built-in dataset of this size lives: the one place every caller asks
+    (train.py, eval.py, the benchmarks), so they share one copy instead of fighting over a
+    folder (a bare default root once held another size's files and was refused)."""
+    return os.path.join(default_shapes_root(), f'n{num_train}_v{num_val}')
+
+
 # ---- drawing one image ----
 # Each shape is drawn as a binary mask with PIL; the box is the tight box of the mask,
 # so boxes are exact. A new shape is rejected if it would hide more than 1 - min_visible
@@ -229,6 +236,7 @@ def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image
                         min_visible=0.3, min_contrast=60.0, shapes=None):
     """Write the synthetic shapes dataset (COCO json + PNG) under root, once.
 
+    root None: builtin_root(num_train, num_val), where train.py trains on it.
     Idempotent: if root/manifest.json holds the same parameters nothing is done; if
     they differ the folder is regenerated. Files are built in a temporary sibling
     folder and renamed into place, with the manifest written last, so an interrupted
@@ -239,7 +247,7 @@ def make_shapes_dataset(root=None, *, num_train=2000, num_val=200, seed=0, image
     then barrier, so ranks do not generate side by side.
     Returns dict of root, train_json, train_images, val_json, val_images, num_classes.
     """
-    root = os.path.abspath(root or default_shapes_root())
+    root = os.path.abspath(root or builtin_root(num_train, num_val))
     kinds = SHAPE_NAMES if shapes is None else tuple(shapes)
     unknown = [k for k in kinds if k not in SHAPE_NAMES + MORE_SHAPES]
     if unknown or len(set(kinds)) != len(kinds):

@@ -154,3 +154,17 @@ def test_dataset_items_agree_with_json(shapes):
         assert target['orig_size'].tolist() == target['size'].tolist() == [64, 64]
     images, mask, targets = collate_fn([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 64, 64) and not mask.any() and len(targets) == 2
+
+
+def test_one_place_for_the_builtin_dataset(tmp_path, monkeypatch):
+    """make_shapes_dataset() without a root (the benchmarks) and train.py's datasets use one
+    folder: a second caller finds the first's files instead of refusing or regenerating them."""
+    from minidetr.config import Config
+    from minidetr.engine import build_datasets
+    monkeypatch.setenv('MINIDETR_DATA', str(tmp_path))
+    paths = make_shapes_dataset(num_train=3, num_val=2)
+    assert paths['root'] == str(tmp_path / 'n3_v2')
+    before = os.stat(os.path.join(paths['root'], 'manifest.json')).st_mtime_ns
+    train_set, _ = build_datasets(Config.for_variant('dn', 'tiny', shapes_train=3, shapes_val=2))
+    assert train_set.ann_file == paths['train_json']
+    assert os.stat(os.path.join(paths['root'], 'manifest.json')).st_mtime_ns == before   # not rewritten
