@@ -287,36 +287,36 @@ def interrupted(progress, out_dir):
               f"with --resume {path}" if path else "interrupted (no --output_dir: nothing saved)")
 
 
-def run_rank(argv=None):
-    """main(); under torchrun a failing rank prints its error with its rank and exits at once.
+def run(argv=None):
+    """The command line's entry point: main(), with its failures told in one line.
 
-    Left to itself, a rank that raised goes through interpreter teardown, which can block on
-    a process group whose peers sit in a collective (NCCL especially), and the peers then
-    wait for it up to the process group's timeout. os._exit skips that teardown; torchrun
-    sees the exit code and stops the other ranks, and the log shows which rank failed why.
+    A sample that cannot be loaded (DataError, raised inside a loader worker) becomes one
+    "error:" line naming the file and the image id, not a worker's traceback. Under torchrun
+    a failing rank prints its error with its rank and exits at once: left to itself, it would
+    go through interpreter teardown, which can block on a process group whose peers sit in a
+    collective (NCCL especially), and the peers would wait for it up to the process group's
+    timeout. os._exit skips that teardown; torchrun sees the exit code and stops the other
+    ranks, and the log shows which rank failed why. A bug keeps its traceback either way.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return main(argv)
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         return main(argv)
+    except DataError as err:
+        message = f"error: {DataError.message_of(err)} (fix or remove it from the annotation file)"
     except SystemExit as err:
-        if err.code in (0, None):
+        if err.code in (0, None) or not under_torchrun:
             raise
         message = str(err.code)        # our "error: ..." messages: no traceback needed
     except BaseException:              # a bug, or a second Ctrl-C: keep the traceback
+        if not under_torchrun:
+            raise
         message = traceback.format_exc()
+    if not under_torchrun:
+        sys.exit(message)
     sys.stdout.flush()
     print(f"[rank {os.environ.get('RANK', '?')}] {message}", file=sys.stderr, flush=True)
     os._exit(1)
 
 
-def main_with_data_errors(argv=None):
-    """run_rank(), with a sample that cannot be loaded reported as one line, not a traceback."""
-    try:
-        return run_rank(argv)
-    except DataError as err:
-        sys.exit(f"error: {DataError.message_of(err)} (fix or remove it from the annotation file)")
-
-
 if __name__ == "__main__":
-    main_with_data_errors()
+    run()

@@ -273,6 +273,10 @@ def _exit(code):
 @pytest.mark.parametrize("failure, expected", [
     (SystemExit("error: --num_classes 3 is too small"), "[rank 1] error: --num_classes 3 is too small\n"),
     (RuntimeError("boom"), "RuntimeError: boom"),
+    # a sample a loader worker could not load: one line under torchrun too (it was a traceback)
+    (train.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\n"
+                     "minidetr.engine.DataError: image id 2: 2.png is missing"),
+     "[rank 1] error: image id 2: 2.png is missing (fix or remove it from the annotation file)\n"),
 ])
 def test_failing_rank_prints_rank_and_exits_at_once(monkeypatch, capsys, failure, expected):
     """Under torchrun (WORLD_SIZE 2): the message with the rank on stderr, then os._exit(1),
@@ -284,26 +288,26 @@ def test_failing_rank_prints_rank_and_exits_at_once(monkeypatch, capsys, failure
     monkeypatch.setattr(train, "main", failing_main)
     monkeypatch.setattr(os, "_exit", _exit)
     with pytest.raises(Exited) as exc:
-        train.run_rank([])
+        train.run([])
     assert exc.value.args == (1,)
     err = capsys.readouterr().err
     assert err.startswith("[rank 1] ") and expected in err
-    assert ("Traceback" in err) == isinstance(failure, RuntimeError)
+    assert ("Traceback" in err) == (type(failure) is RuntimeError)
 
 
 def test_single_process_errors_pass_through(monkeypatch):
-    """Without torchrun, run_rank is main: SystemExit propagates unchanged (exit status 1)."""
+    """Without torchrun, run is main: SystemExit propagates unchanged (exit status 1)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(train, "main", lambda argv=None: sys.exit("error: x"))
     with pytest.raises(SystemExit, match="error: x"):
-        train.run_rank([])
+        train.run([])
 
 
 def write_driver(tmp_path, rank1_code):
-    """A script that runs train.run_rank after rank 1 has run `rank1_code` (its sabotage)."""
+    """A script that runs train.run after rank 1 has run `rank1_code` (its sabotage)."""
     driver = tmp_path / "driver.py"
     driver.write_text(f"import os, signal, sys\nsys.path.insert(0, {REPO!r})\nimport minidetr, train\n"
-                      f"if os.environ['RANK'] == '1':\n{rank1_code}train.run_rank(sys.argv[1:])\n")
+                      f"if os.environ['RANK'] == '1':\n{rank1_code}train.run(sys.argv[1:])\n")
     return str(driver)
 
 
@@ -384,7 +388,7 @@ def test_missing_image_met_while_training_is_one_line(tmp_path, monkeypatch, wor
         return datasets
     monkeypatch.setattr(train, "build_datasets", build_then_delete)
     with pytest.raises(SystemExit) as exc:
-        train.main_with_data_errors(argv)
+        train.run(argv)
     message = exc.value.code
     assert message.startswith("error: image id 2") and "2.png" in message, message
     assert "Traceback" not in message and "\n" not in message
