@@ -3,7 +3,7 @@
     cfg = minidetr.Config.for_variant("conditional", preset="tiny")
     model, criterion, postprocess = minidetr.build(cfg)
 
-See README.md for the file-by-file map and DESIGN notes.
+README.md has the file-by-file map; each module's docstring, the paper and equations it implements.
 """
 from minidetr.config import Config
 from minidetr.detr import build

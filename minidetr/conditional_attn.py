@@ -279,25 +279,24 @@ class AnchorDecoder(nn.Module):
 
     def forward(self, tgt, memory, *, memory_pos, pad_mask, ref_points, self_attn_mask=None):
         """ref_points: [B, Q, 4] anchors cxcywh in (0, 1); the positional query is derived (D1)."""
-        anchors = ref_points           # fed to the layer: detached after layer 0 (D4)
-        box_anchors = ref_points       # for box_ref: keeps the gradient, as DAB-DETR returns it
+        anchors = ref_points   # this layer's anchor boxes, with their gradient (what box_ref carries)
         hs, box_ref = [], []
         for i, layer in enumerate(self.layers):
-            anchor_embed = position_sine_embed(anchors, self.dim)     # PE(A) [B, Q, 2C]
+            # (D4) layer 0 sees the learned anchors, the later ones their refinement as a constant
+            # (no gradient through the chain of anchors); layer i's box loss still reaches the
+            # step that made its anchor, through box_ref
+            seen = anchors if i == 0 else anchors.detach()
+            anchor_embed = position_sine_embed(seen, self.dim)        # PE(A) [B, Q, 2C]
             query_pos = self.ref_point_head(anchor_embed)              # (D1) P [B, Q, C]
             scale = 1.0 if i == 0 else self.query_scale(tgt)           # (D2) lambda_q
-            query_sine_embed = self.modulate_hw(scale * anchor_embed[..., :self.dim], anchors, tgt)
+            query_sine_embed = self.modulate_hw(scale * anchor_embed[..., :self.dim], seen, tgt)
             tgt = layer(tgt, memory, memory_pos=memory_pos, query_pos=query_pos,
                         query_sine_embed=query_sine_embed, pad_mask=pad_mask,
                         self_attn_mask=self_attn_mask)
             hs.append(self.norm(tgt))
-            box_ref.append(inverse_sigmoid(box_anchors, eps=1e-3))    # (D5) [B, Q, 4]
-            if i + 1 < len(self.layers):
-                # (D4) refine from the output *before* the final norm; the next layer sees the
-                # new anchor as a constant (no gradient through the chain of anchors), while
-                # the box loss of layer i+1 still reaches this step through box_ref.
-                new_anchors = (self.bbox_embed(tgt) + inverse_sigmoid(anchors, eps=1e-3)).sigmoid()
-                box_anchors, anchors = new_anchors, new_anchors.detach()
+            box_ref.append(inverse_sigmoid(anchors, eps=1e-3))        # (D5) [B, Q, 4]
+            if i + 1 < len(self.layers):   # (D4) refined from the output before the final norm
+                anchors = (self.bbox_embed(tgt) + inverse_sigmoid(seen, eps=1e-3)).sigmoid()
         return torch.stack(hs), torch.stack(box_ref)
 
 

@@ -10,7 +10,9 @@ everything here is what that loop calls. Two properties matter beyond getting th
   denoising noise) and how many batches of the epoch were done, so a resumed run continues
   with exactly the batches and random numbers an uninterrupted run would have used.
 - Nothing silently wrong. A non-finite loss stops training with the epoch, the step and
-  the loss terms that went non-finite, before the optimiser touches the weights.
+  the loss terms that went non-finite (LossMeter). The loop looks every --log_every steps
+  and before every checkpoint, in one host sync for all the steps since the last look, so
+  a few updates may follow a NaN, but no checkpoint holds a non-finite model.
 """
 import dataclasses
 import os

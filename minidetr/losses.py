@@ -194,20 +194,18 @@ class SetCriterion(nn.Module):
     matcher: HungarianMatcher. weight_dict: loss name -> weight (see build_weight_dict).
     eos_coef: no-object weight of the softmax CE (0.1 = DETR's --eos_coef).
     focal_alpha: None = softmax CE over K + 1 logits, a float = sigmoid focal over K logits.
-    losses: subset of ('labels', 'boxes'). aux_loss: also supervise outputs['aux_outputs'].
+    aux_loss: also supervise outputs['aux_outputs'].
     giou_eps: added to the GIoU denominators (DN-DETR 1e-6; 0 = DETR's exact GIoU).
     forward returns named, unweighted losses; combine them with total_loss. The outputs'
     logit width is checked once, where model and criterion meet (check_logits, in build).
     """
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef=0.1, focal_alpha=None,
-                 losses=("labels", "boxes"), aux_loss=True, giou_eps=0.0):
+                 aux_loss=True, giou_eps=0.0):
         super().__init__()
-        if not set(losses) <= {"labels", "boxes"}:
-            raise ValueError(f"SetCriterion: unknown losses {set(losses) - {'labels', 'boxes'}}")
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
         self.eos_coef, self.focal_alpha = eos_coef, focal_alpha
-        self.losses, self.aux_loss, self.giou_eps = tuple(losses), aux_loss, giou_eps
+        self.aux_loss, self.giou_eps = aux_loss, giou_eps
         # float64 so that eos_coef is not rounded before it meets float64 logits; layer_losses
         # casts it to the logits' dtype.
         class_weight = torch.ones(num_classes + 1, dtype=torch.float64)
@@ -226,22 +224,19 @@ class SetCriterion(nn.Module):
                              f"{self.num_logits} (num_classes={self.num_classes}, focal_alpha={self.focal_alpha})")
 
     def layer_losses(self, out, targets, indices, normaliser, fill):
-        """The requested losses of one layer's {pred_logits, pred_boxes} for given pairs.
+        """The losses of one layer's {pred_logits, pred_boxes} for given pairs.
 
         fill: class target of unpaired slots (num_classes = no-object, or IGNORE).
-        Returns {'loss_ce', 'loss_bbox', 'loss_giou'} (those requested), unweighted.
+        Returns {'loss_ce', 'loss_bbox', 'loss_giou'}, unweighted.
         """
         losses = {}
-        if "labels" in self.losses:
-            logits = at_least_float32(out["pred_logits"])
-            target_classes = class_targets(logits, targets, indices, fill)
-            # to the logits' device (host -> device, asynchronous), then their dtype
-            class_weight = self.class_weight.to(logits.device).to(logits.dtype)
-            losses["loss_ce"] = loss_labels(logits, target_classes, normaliser,
-                                            self.focal_alpha, class_weight)
-        if "boxes" in self.losses:
-            losses["loss_bbox"], losses["loss_giou"] = loss_boxes(
-                at_least_float32(out["pred_boxes"]), targets, indices, normaliser, self.giou_eps)
+        logits = at_least_float32(out["pred_logits"])
+        target_classes = class_targets(logits, targets, indices, fill)
+        # to the logits' device (host -> device, asynchronous), then their dtype
+        class_weight = self.class_weight.to(logits.device).to(logits.dtype)
+        losses["loss_ce"] = loss_labels(logits, target_classes, normaliser, self.focal_alpha, class_weight)
+        losses["loss_bbox"], losses["loss_giou"] = loss_boxes(
+            at_least_float32(out["pred_boxes"]), targets, indices, normaliser, self.giou_eps)
         return losses
 
     def forward(self, outputs, targets):
@@ -261,9 +256,8 @@ class SetCriterion(nn.Module):
         indices, *aux_indices = self.matcher.match_layers([outputs, *aux_layers], targets)
         # Eq. (2) on the last layer, then on each aux layer
         losses = self.layer_losses(outputs, targets, indices, num_boxes, fill=no_object)
-        if "labels" in self.losses:
-            losses["class_error"] = class_error(logits, targets, indices)
-            losses["cardinality_error"] = cardinality_error(logits, targets, self.focal_alpha is not None)
+        losses["class_error"] = class_error(logits, targets, indices)
+        losses["cardinality_error"] = cardinality_error(logits, targets, self.focal_alpha is not None)
         for i, (aux, aux_idx) in enumerate(zip(aux_layers, aux_indices)):
             aux_losses = self.layer_losses(aux, targets, aux_idx, num_boxes, no_object)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
@@ -289,8 +283,7 @@ class SetCriterion(nn.Module):
         for suffix, out in layers:
             layer = self.layer_losses(out, targets, indices, num_dn, fill=IGNORE)
             losses.update({f"dn_{k}{suffix}": v for k, v in layer.items()})
-        if "labels" in self.losses:
-            losses["dn_class_error"] = class_error(dn["pred_logits"], targets, indices)
+        losses["dn_class_error"] = class_error(dn["pred_logits"], targets, indices)
         return losses
 
 
