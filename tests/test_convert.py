@@ -141,7 +141,10 @@ def test_batchnorm_counters_are_dropped():
     """num_batches_tracked (BatchNorm2d checkpoints) is not a weight and is skipped."""
     sd = official_state_dict("detr")
     sd["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(7)
-    convert("detr", sd)
+    _, _, ours = convert("detr", sd)
+    assert not [k for k in ours if k.endswith("num_batches_tracked")]
+    _, _, without = convert("detr", official_state_dict("detr"))   # the same file without it
+    assert ours.keys() == without.keys()
 
 
 def test_official_args_set_the_architecture():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_transformer import naive_attention_weights, rand
+from naive import naive_attention_weights, rand
 
 import minidetr
 from minidetr import draw

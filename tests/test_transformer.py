@@ -1,51 +1,12 @@
 """transformer: the shared attention against a naive float64 loop; DETR layers and stacks."""
-import math
-
 import torch
 from einops import rearrange
 
-from minidetr.transformer import (Decoder, DecoderLayer, Encoder, EncoderLayer, MultiheadAttention,
+from minidetr.transformer import (Decoder, DecoderLayer, EncoderLayer, MultiheadAttention,
                                   attention, attention_weights, cat_heads)
+from naive import naive_attention, naive_attention_weights, rand
 
 B, Q, N, D, H = 2, 5, 12, 16, 4
-
-
-def naive_attention(q, k, v, heads, pad_mask=None, attn_mask=None, bias=None):
-    """softmax(q k^T / sqrt(d) + bias, -inf where masked) v, one head and one query at a time."""
-    weights = naive_attention_weights(q, k, heads, pad_mask, attn_mask, bias)   # [B, h, Q, N]
-    dv = v.shape[-1] // heads
-    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
-    for b in range(q.shape[0]):
-        for h in range(heads):
-            for i in range(q.shape[1]):
-                for j in range(k.shape[1]):
-                    out[b, i, h * dv:(h + 1) * dv] += weights[b, h, i, j] * v[b, j, h * dv:(h + 1) * dv]
-    return out
-
-
-def naive_attention_weights(q, k, heads, pad_mask=None, attn_mask=None, bias=None):
-    """softmax(q k^T / sqrt(d) + bias, -inf where masked) as [B, h, Q, N], entry by entry."""
-    dq = q.shape[-1] // heads
-    weights = torch.zeros(q.shape[0], heads, q.shape[1], k.shape[1], dtype=torch.float64)
-    for b in range(q.shape[0]):
-        for h in range(heads):
-            for i in range(q.shape[1]):
-                logits = []
-                for j in range(k.shape[1]):
-                    s = sum(q[b, i, h * dq + t].item() * k[b, j, h * dq + t].item() for t in range(dq))
-                    s = s / math.sqrt(dq) + (0.0 if bias is None else bias[b, h, i, j].item())
-                    blocked = (pad_mask is not None and pad_mask[b, j]) or \
-                              (attn_mask is not None and attn_mask[i, j])
-                    logits.append(-math.inf if blocked else s)
-                top = max(logits)
-                w = [math.exp(s - top) for s in logits]
-                for j in range(k.shape[1]):
-                    weights[b, h, i, j] = w[j] / sum(w)
-    return weights
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def test_attention_matches_naive_with_padding_mask_and_bias():
