@@ -39,6 +39,7 @@ from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datas
                              checkpoint_write_failed, fit_num_classes, load_training_state,
                              load_weights, make_loader, read_resume)
 from minidetr.evaluation import autocast, evaluate, format_stats
+from minidetr.instability import InstabilityLog
 from minidetr.losses import total_loss
 
 def get_args_parser():
@@ -107,6 +108,8 @@ def main(argv=None):
 
     # ---- the training loop ----
     epoch, step = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
+    # --log_instability: DN-DETR's matching instability at each evaluation (off: does nothing)
+    instability = InstabilityLog.for_run(cfg, train_set, criterion.matcher, device, ckpt)
     del ckpt
     result, start_time = None, time.time()
     with TrainingProgress(cfg, train_set, epoch, step) as progress:   # exact resume, Ctrl-C, max_steps
@@ -125,8 +128,11 @@ def main(argv=None):
             finished = progress.end_epoch()
             if finished:
                 scheduler.step()
+            # before the checkpoint: it keeps the assignment a resumed run compares with
+            instability.measure_if_evaluating(raw_model, progress, finished)
             try:
-                progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished)
+                progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished,
+                              extra=instability.checkpoint_entry())
             except OSError as err:   # a full disk: checkpoint.pth or the epoch's copy left as it was
                 sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
             if progress.stop.should_stop():
@@ -148,7 +154,8 @@ def main(argv=None):
                        "step_time_median": round(statistics.median(progress.step_times), 4)
                        if progress.step_times else None,
                        "eval_time": round(time.time() - eval_start, 2),
-                       "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2)}
+                       "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2),
+                       **instability.log_entry()}   # train_instability with --log_instability
                 if distributed.is_main_process():
                     print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
                           f"{format_stats(result['stats'])}", flush=True)

@@ -116,6 +116,12 @@ class Config:
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     log_every: int = _f(50, "print the training loss every N steps (0 = only per epoch; "
                             "each print waits for the device once)")
+    log_instability: bool = _f(False, "log train_instability: the fraction of N fixed training "
+                                      "images' ground truths whose matched query changed since the "
+                                      "last evaluation (DN-DETR's matching instability; costs a "
+                                      "forward pass over them)")
+    instability_images: int = _f(200, "with --log_instability: N, the first N training images by id, "
+                                      "unaugmented")
 
     @classmethod
     def for_variant(cls, variant="detr", preset="paper", **overrides):
@@ -181,7 +187,7 @@ class Config:
 RANGES = dict(
     batch_size=1, epochs=1, lr_drop=1, eval_every=1, keep_checkpoints=1, num_classes=1,
     hidden_dim=1, nheads=1, dim_feedforward=1, dec_layers=1, num_queries=1, num_select=1,
-    scalar=1, image_size=32, shapes_train=1, shapes_val=1,
+    scalar=1, image_size=32, shapes_train=1, shapes_val=1, instability_images=1,
     enc_layers=0, num_workers=0, max_steps=0, log_every=0, start_epoch=0, overfit_batches=0,
     weight_decay=0.0, clip_max_norm=0.0, dropout=0.0, giou_eps=0.0,
     set_cost_class=0.0, set_cost_bbox=0.0, set_cost_giou=0.0,

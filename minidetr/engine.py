@@ -361,8 +361,12 @@ class TrainingProgress:
         last = self.epoch >= self.cfg.epochs or self.ended_early
         return finished and self.epoch % self.cfg.eval_every == 0 or last
 
-    def save(self, out_dir, model, optimizer, scheduler, scaler, finished):
-        """checkpoint.pth (+ the epoch's copy). Call on every rank: the RNG states are gathered."""
+    def save(self, out_dir, model, optimizer, scheduler, scaler, finished, extra=None):
+        """checkpoint.pth (+ the epoch's copy). Call on every rank: the RNG states are gathered.
+
+        extra: more entries for the checkpoint, tensors and plain containers only (so that
+        weights_only=True loads them), e.g. --log_instability's last assignment.
+        """
         rngs = distributed.all_gather_object(rng_state())
         if not out_dir:
             return
@@ -370,7 +374,8 @@ class TrainingProgress:
                      "lr_scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(),      # {} when disabled (no fp16)
                      "epoch": self.epoch, "step": self.step, "config": self.cfg.to_dict(),
-                     "rng": rngs, "world_size": len(rngs), "categories": self.categories.to_list()},
+                     "rng": rngs, "world_size": len(rngs), "categories": self.categories.to_list(),
+                     **(extra or {})},
                     os.path.join(out_dir, "checkpoint.pth"))
         if finished:
             rotate_checkpoints(out_dir, self.epoch, self.cfg.keep_checkpoints)
