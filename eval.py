@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from minidetr import predict
+from minidetr import convert, predict
 from minidetr.evaluation import STAT_NAMES, evaluate
 from minidetr.engine import build_datasets, fit_num_classes, make_loader
 
@@ -50,11 +50,26 @@ def get_args_parser():
     return p
 
 
+def official_converter(path, variant):
+    """ckpt -> (Config, state_dict) for an official checkpoint, as --variant says (convert.py)."""
+    def convert_official(ckpt):
+        if not variant:
+            guess = convert.guess_variant(ckpt.get("model", {}))
+            raise ValueError(f"{path} is an official checkpoint (no minidetr config): say which model "
+                             f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
+                             + (f" (its weights look like {guess})" if guess else ""))
+        try:
+            return convert.convert_file(ckpt, variant)
+        except ValueError as err:
+            raise ValueError(f"cannot convert {path} as --variant {variant}: {err}") from None
+    return convert_official
+
+
 def load_model(path, overrides, device, variant=None):
     """(cfg, model, criterion, postprocess) of a checkpoint, or one 'error:' line
     (minidetr/predict.py's load_model, which also returns the category table)."""
     try:
-        return predict.load_model(path, overrides, device, variant)[:4]
+        return predict.load_model(path, overrides, device, official_converter(path, variant))[:4]
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
@@ -126,7 +141,7 @@ def main(argv=None):
         except (ValueError, OSError) as err:
             sys.exit(f"error: {err}")
     try:
-        loaded = predict.load_model(args.resume, overrides, device, args.variant)
+        loaded = predict.load_model(args.resume, overrides, device, official_converter(args.resume, args.variant))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     cfg, model, criterion, postprocess = loaded[:4]

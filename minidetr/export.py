@@ -2,7 +2,7 @@
 
     python -m minidetr.export --resume out/dn/checkpoint.pth --onnx dn.onnx
     python -m minidetr.export --resume ckpt.pth --onnx dn.onnx --postprocess   # scores, labels, boxes
-    python -m minidetr.export --resume checkpoint0049.pth --variant dn --onnx dn.onnx   # official file
+    (an official checkpoint: python -m minidetr.convert --variant dn --src F --dst dn.pth first)
 
 The graph takes what the model takes (the data contract in DESIGN.md):
     images [B, 3, H, W] float32, normalised (ImageNet mean and std, as data.Normalize)
@@ -220,8 +220,7 @@ def max_differences(session, model, images, mask, postprocess=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser("python -m minidetr.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--resume", required=True, help="checkpoint (minidetr's, or an official one with --variant)")
-    p.add_argument("--variant", help="variant of an official checkpoint")
+    p.add_argument("--resume", required=True, help="minidetr checkpoint (official ones: minidetr.convert first)")
     p.add_argument("--onnx", required=True, help="the .onnx file to write")
     p.add_argument("--postprocess", action="store_true",
                    help="put PostProcess in the graph: input orig_sizes [B, 2], outputs scores, labels, boxes")
@@ -231,7 +230,7 @@ def main(argv=None):
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if args.check else ()):
         _require(module, "python -m minidetr.export")
     try:
-        loaded = load_model(args.resume, variant=args.variant)
+        loaded = load_model(args.resume)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     cfg, model = loaded.cfg, loaded.model

@@ -2,8 +2,8 @@
 
 eval.py --image runs these steps (python eval.py --resume ckpt.pth --image photos/ --out drawn/):
 
-    load_model        a minidetr checkpoint, or an official one converted on the fly, with the
-                      category table its class rows mean (categories.for_checkpoint)
+    load_model        a minidetr checkpoint (or an official one, converted by a function eval.py
+                      passes), with the category table its class rows mean (categories.for_checkpoint)
     list_images       a folder's images, recursively, sorted by path (a stable order, so the
                       image ids of two runs agree); other files are left out
     video_frames      a video's frames in order, with its frame rate (PyAV, optional extra)
@@ -33,10 +33,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from minidetr import convert
 from minidetr.categories import for_checkpoint
 from minidetr.check import open_rgb
-from minidetr.checkpoint import load_safely
+from minidetr.checkpoint import is_official_checkpoint, load_safely
 from minidetr.config import Config
 from minidetr.data import make_transforms
 from minidetr.detr import build
@@ -56,29 +55,25 @@ class Loaded(NamedTuple):
     categories: Optional[object]    # categories.Categories, or None: labels are the category ids
 
 
-def load_model(path, overrides=None, device="cpu", variant=None):
+def load_model(path, overrides=None, device="cpu", convert_official=None):
     """Rebuild the model from a checkpoint's config and load its weights -> Loaded.
 
-    An official DETR-family checkpoint (no minidetr 'config'; an 'args' entry or official
-    weight names) is converted on load (minidetr/convert.py); `variant` says which reference
-    saved it. overrides: Config fields to replace (None values are ignored). Raises
-    ValueError / FileNotFoundError with a message for the user.
+    overrides: Config fields to replace (None values are ignored). An official DETR-family
+    checkpoint (no minidetr 'config') needs `convert_official`, a function ckpt -> (Config,
+    state_dict): eval.py passes minidetr/convert.py's (convert.py stays a leaf that no module
+    of the package imports); without one the message says how to convert the file first.
+    Raises ValueError / FileNotFoundError with a message for the user.
     """
     ckpt = load_safely(path)
     if "config" in ckpt:
         settings, state_dict = dict(ckpt["config"]), ckpt["model"]
     else:
-        if not convert.is_official_checkpoint(ckpt):
+        if not is_official_checkpoint(ckpt):
             raise ValueError(f"{path} has neither a minidetr 'config' nor an official 'args' entry")
-        if not variant:
-            guess = convert.guess_variant(ckpt.get("model", {}))
-            raise ValueError(f"{path} is an official checkpoint (no minidetr config): say which model "
-                             f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
-                             + (f" (its weights look like {guess})" if guess else ""))
-        try:
-            cfg, state_dict = convert.convert_file(ckpt, variant)
-        except ValueError as err:
-            raise ValueError(f"cannot convert {path} as --variant {variant}: {err}") from None
+        if convert_official is None:
+            raise ValueError(f"{path} is an official checkpoint: convert it first, python -m minidetr.convert "
+                             f"--variant {{detr,conditional,smca,dn,dab}} --src {path} --dst converted.pth")
+        cfg, state_dict = convert_official(ckpt)
         settings = cfg.to_dict()
     # a file from another version of minidetr: a setting it lacks takes its preset's value,
     # one this version does not know is ignored; weights that then do not fit are an error
