@@ -50,26 +50,17 @@ def get_args_parser():
     return p
 
 
-def official_converter(path, variant):
-    """ckpt -> (Config, state_dict) for an official checkpoint, as --variant says (convert.py)."""
-    def convert_official(ckpt):
-        if not variant:
-            guess = convert.guess_variant(ckpt.get("model", {}))
-            raise ValueError(f"{path} is an official checkpoint (no minidetr config): say which model "
-                             f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
-                             + (f" (its weights look like {guess})" if guess else ""))
-        try:
-            return convert.convert_file(ckpt, variant)
-        except ValueError as err:
-            raise ValueError(f"cannot convert {path} as --variant {variant}: {err}") from None
-    return convert_official
+def reader(variant):
+    """path -> (settings, state_dict, categories) for minidetr's files and official ones
+    (converted on load, as --variant says which reference saved them)."""
+    return lambda path: convert.read_any_checkpoint(path, variant)
 
 
 def load_model(path, overrides, device, variant=None):
     """(cfg, model, criterion, postprocess) of a checkpoint, or one 'error:' line
     (minidetr/predict.py's load_model, which also returns the category table)."""
     try:
-        return predict.load_model(path, overrides, device, official_converter(path, variant))[:4]
+        return predict.load_model(path, overrides, device, reader(variant))[:4]
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
@@ -141,7 +132,7 @@ def main(argv=None):
         except (ValueError, OSError) as err:
             sys.exit(f"error: {err}")
     try:
-        loaded = predict.load_model(args.resume, overrides, device, official_converter(args.resume, args.variant))
+        loaded = predict.load_model(args.resume, overrides, device, reader(args.variant))
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     cfg, model, criterion, postprocess = loaded[:4]

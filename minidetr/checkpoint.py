@@ -20,6 +20,9 @@ import tempfile
 import numpy as np
 import torch
 
+from minidetr.categories import for_checkpoint
+from minidetr.config import Config
+
 
 # ---- writing: every file a run writes, whole or not at all ----
 
@@ -197,6 +200,32 @@ def is_official_checkpoint(ckpt):
     if not isinstance(ckpt, dict) or "config" in ckpt:
         return False
     return "args" in ckpt or any(k.startswith("transformer.") for k in ckpt.get("model", {}))
+
+
+def minidetr_contents(path, ckpt):
+    """A loaded minidetr checkpoint -> (settings dict, state_dict, Categories or None).
+
+    A file from another version of minidetr: a setting it lacks takes its preset's value,
+    one this version does not know is dropped (weights that then do not fit are an error
+    where they are loaded). An official file (no 'config') is refused with what to do:
+    convert.read_any_checkpoint, which train.py and eval.py use, converts it instead.
+    """
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
+    if "config" not in ckpt:
+        what = "an official checkpoint" if is_official_checkpoint(ckpt) else "not a minidetr checkpoint"
+        raise ValueError(f"{path} is {what} (no minidetr 'config'): convert it first, python -m "
+                         f"minidetr.convert --variant {{detr,conditional,smca,dn,dab}} --src {path} "
+                         f"--dst converted.pth")
+    saved = dict(ckpt["config"])
+    defaults = Config.for_variant(saved.get("variant", "detr"), saved.get("preset", "paper")).to_dict()
+    settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    return settings, ckpt["model"], for_checkpoint(ckpt)
+
+
+def read_checkpoint(path):
+    """(settings, state_dict, categories) of a minidetr checkpoint file (minidetr_contents)."""
+    return minidetr_contents(path, load_safely(path))
 
 
 # ---- random state, so a resumed run continues exactly ----

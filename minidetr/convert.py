@@ -47,8 +47,8 @@ import sys
 import torch
 
 from minidetr.backbone import RESNETS
-from minidetr.categories import Categories, for_checkpoint
-from minidetr.checkpoint import is_official_checkpoint, load_safely, save_atomic
+from minidetr.categories import Categories
+from minidetr.checkpoint import is_official_checkpoint, load_safely, minidetr_contents, save_atomic
 from minidetr.config import Config
 from minidetr.detr import build
 
@@ -320,25 +320,18 @@ def convert_file(ckpt, variant, **overrides):
 def read_any_checkpoint(path, variant=None):
     """A minidetr or official checkpoint file -> (settings dict, minidetr state_dict, Categories or None).
 
-    Official files (no minidetr 'config') are converted here; `variant` says which reference
-    saved one (default: guessed from its weights' names). A minidetr file from another
-    version of minidetr: a setting it lacks takes its preset's value, one this version does
-    not know is dropped. ValueError / FileNotFoundError say what is wrong with the file.
+    Official files (no minidetr 'config') are converted here; `variant` (--variant) says which
+    reference saved one: the message names the variant its weights look like when it is
+    missing. ValueError / FileNotFoundError say what is wrong with the file.
     """
     ckpt = load_safely(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
-    if "config" in ckpt:
-        saved = dict(ckpt["config"])
-        defaults = Config.for_variant(saved.get("variant", "detr"), saved.get("preset", "paper")).to_dict()
-        settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
-        return settings, ckpt["model"], for_checkpoint(ckpt)
-    if not is_official_checkpoint(ckpt):
-        raise ValueError(f"{path} has neither a minidetr 'config' nor an official 'args' entry")
-    variant = variant or guess_variant(ckpt["model"])
-    if variant is None:
-        raise ValueError(f"{path} is an official checkpoint whose model cannot be told from its "
-                         f"weights: say which with --variant {{detr,conditional,smca,dn,dab}}")
+    if not (isinstance(ckpt, dict) and "config" not in ckpt and is_official_checkpoint(ckpt)):
+        return minidetr_contents(path, ckpt)
+    if not variant:
+        guess = guess_variant(ckpt.get("model", {}))
+        raise ValueError(f"{path} is an official checkpoint (no minidetr config): say which model "
+                         f"it holds with --variant {{detr,conditional,smca,dn,dab}}"
+                         + (f" (its weights look like {guess})" if guess else ""))
     try:
         cfg, state_dict = convert_file(ckpt, variant)
     except ValueError as err:

@@ -2,8 +2,9 @@
 
 eval.py --image runs these steps (python eval.py --resume ckpt.pth --image photos/ --out drawn/):
 
-    load_model        a minidetr checkpoint (or an official one, converted by a function eval.py
-                      passes), with the category table its class rows mean (categories.for_checkpoint)
+    load_model        a minidetr checkpoint (or an official one, converted by the reader eval.py
+                      passes: convert.read_any_checkpoint), with the category table its class
+                      rows mean (categories.py)
     list_images       a folder's images, recursively, sorted by path (a stable order, so the
                       image ids of two runs agree); other files are left out
     video_frames      a video's frames in order, with its frame rate (PyAV, optional extra)
@@ -33,9 +34,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from minidetr.categories import for_checkpoint
 from minidetr.check import open_rgb
-from minidetr.checkpoint import is_official_checkpoint, load_safely
+from minidetr.checkpoint import read_checkpoint
 from minidetr.config import Config
 from minidetr.data import make_transforms
 from minidetr.detr import build
@@ -55,43 +55,27 @@ class Loaded(NamedTuple):
     categories: Optional[object]    # categories.Categories, or None: labels are the category ids
 
 
-def load_model(path, overrides=None, device="cpu", convert_official=None):
-    """Rebuild the model from a checkpoint's config and load its weights -> Loaded.
+def load_model(path, overrides=None, device="cpu", read=read_checkpoint):
+    """Rebuild the model from a checkpoint's settings and load its weights -> Loaded.
 
-    overrides: Config fields to replace (None values are ignored). An official DETR-family
-    checkpoint (no minidetr 'config') needs `convert_official`, a function ckpt -> (Config,
-    state_dict): eval.py passes minidetr/convert.py's (convert.py stays a leaf that no module
-    of the package imports); without one the message says how to convert the file first.
-    Raises ValueError / FileNotFoundError with a message for the user.
+    overrides: Config fields to replace (None values are ignored). read: path -> (settings,
+    state_dict, categories); checkpoint.read_checkpoint reads minidetr's files, eval.py passes
+    convert.read_any_checkpoint, which also converts official ones (convert.py stays a leaf
+    that no module of the package imports). Raises ValueError / FileNotFoundError with a
+    message for the user.
     """
-    ckpt = load_safely(path)
-    if "config" in ckpt:
-        settings, state_dict = dict(ckpt["config"]), ckpt["model"]
-    else:
-        if not is_official_checkpoint(ckpt):
-            raise ValueError(f"{path} has neither a minidetr 'config' nor an official 'args' entry")
-        if convert_official is None:
-            raise ValueError(f"{path} is an official checkpoint: convert it first, python -m minidetr.convert "
-                             f"--variant {{detr,conditional,smca,dn,dab}} --src {path} --dst converted.pth")
-        cfg, state_dict = convert_official(ckpt)
-        settings = cfg.to_dict()
-    # a file from another version of minidetr: a setting it lacks takes its preset's value,
-    # one this version does not know is ignored; weights that then do not fit are an error
-    defaults = Config.for_variant(settings.get("variant", "detr"), settings.get("preset", "paper")).to_dict()
-    missing = sorted(set(defaults) - set(settings))
-    settings = {**defaults, **{k: v for k, v in settings.items() if k in defaults}}
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings, state_dict, categories = read(path)
+    settings = {**settings, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     cfg = Config(**settings).validate()
     model, criterion, postprocess = build(cfg)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
         detail = " ".join(str(err).split())
-        raise ValueError(f"the weights in {path} do not fit the model its config describes"
-                         + (f"; its config lacks {missing} (saved by another version of minidetr?), "
-                            f"which took the preset's values" if missing else "")
-                         + f" ({detail[:200]}...)") from None
-    return Loaded(cfg, model.to(device).eval(), criterion, postprocess, for_checkpoint(ckpt, cfg))
+        raise ValueError(f"the weights in {path} do not fit the model its config describes (saved by "
+                         f"another version of minidetr? settings it lacks take the preset's values) "
+                         f"({detail[:200]}...)") from None
+    return Loaded(cfg, model.to(device).eval(), criterion, postprocess, categories)
 
 
 # ---- inputs: image files, folders, videos ----
