@@ -23,6 +23,7 @@ import sys
 import torch
 
 from minidetr import convert, predict
+from minidetr.checkpoint import WriteError, cannot_write
 from minidetr.evaluation import STAT_NAMES, evaluate
 from minidetr.engine import build_datasets, fit_num_classes, make_loader
 
@@ -97,8 +98,9 @@ def draw_attention(args, loaded, device):
     outputs, maps = drawing.attention_maps(loaded.model, tensor, mask, "prior" if args.prior else "attention")
     result = loaded.postprocess(outputs, orig)[0]
     top = min(args.top, len(result["scores"]))
-    drawing.draw_attention(image, maps[0], result, list(zip(range(top), result["query_ids"][:top].tolist())),
-                           names).save(args.out)
+    predict.save_image(drawing.draw_attention(image, maps[0], result,
+                                              list(zip(range(top), result["query_ids"][:top].tolist())),
+                                              names), args.out)
     print("wrote", args.out)
 
 
@@ -110,6 +112,8 @@ def main(argv=None):
         try:
             prepare_output(out, plot=True)
             print("wrote", plot_logs(args.plot_logs, out))
+        except WriteError as err:   # a full disk: the file named with what it needed
+            sys.exit(f"error: {cannot_write(err.filename, err, err.needed)}")
         except ValueError as err:
             sys.exit(f"error: {err}")
         return None
@@ -141,6 +145,8 @@ def main(argv=None):
             if args.attention:
                 return draw_attention(args, loaded, device)
             return predict_images(args, loaded, device)
+        except WriteError as err:   # a full disk: the drawing or json named with what it needed
+            sys.exit(f"error: {cannot_write(err.filename, err, err.needed)}")
         except OSError as err:   # an image or video that cannot be decoded, named by open_rgb / PyAV
             sys.exit(f"error: {err}")
     try:

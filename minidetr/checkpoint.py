@@ -139,6 +139,16 @@ def copy_atomic(src, dst):
         raise WriteError(dst, err, needed) from err
 
 
+def write_bytes_atomic(path, data):
+    """Write `data` (bytes: an encoded drawing, a results json) to `path` through a temporary
+    file + fsync + rename. Encoded in memory first, so the bytes needed are known; raises
+    WriteError naming `path` and them when writing fails, the file there before unchanged."""
+    try:
+        _write_through_temp(path, lambda f: f.write(data))
+    except OSError as err:
+        raise WriteError(path, err, len(data)) from err
+
+
 def append_line(path, line):
     """Append `line` (a str ending in a newline) to `path`, all of it or nothing (log.txt).
 

@@ -10,6 +10,7 @@
   an optional extra: `pip install matplotlib`).
 """
 import contextlib
+import io
 import json
 import os
 from typing import NamedTuple
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, ImageDraw
+
+from minidetr.checkpoint import write_bytes_atomic
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
@@ -208,7 +211,8 @@ def read_log(path):
     if rows and not any("train_loss" in r or "test_coco_eval_bbox" in r for r in rows):
         raise ValueError(f"{path}: no line has train_loss or test_coco_eval_bbox; "
                          f"--plot-logs reads the log.txt train.py writes in --output_dir")
-    return rows
+    # the epochs' lines (a fine-tuned run's first line says where its weights came from)
+    return [r for r in rows if "train_loss" in r or "test_coco_eval_bbox" in r]
 
 
 def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
@@ -235,6 +239,8 @@ def plot_logs(log_files, out_png, keys=("loss", "AP", "AP50")):
             ax.set_xlabel("epoch")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    buffer = io.BytesIO()   # encoded in memory, then written whole (a full disk: WriteError)
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
+    write_bytes_atomic(out_png, buffer.getvalue())
     return out_png

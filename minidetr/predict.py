@@ -24,6 +24,7 @@ conditional model, 128x96 padded to 128x170: boxes moved by up to 90 px. DETR's 
 evaluation pads, and its COCO numbers carry that; predictions here equal the image alone.
 A folder of one camera's photos or a video's frames resizes to one size, so those batch fully.
 """
+import io
 import json
 import os
 import sys
@@ -33,9 +34,10 @@ from fractions import Fraction
 from typing import NamedTuple, Optional
 
 import torch
+from PIL import Image
 
 from minidetr.check import open_rgb
-from minidetr.checkpoint import read_checkpoint
+from minidetr.checkpoint import read_checkpoint, write_bytes_atomic
 from minidetr.config import Config
 from minidetr.data import make_transforms
 from minidetr.detr import build
@@ -82,7 +84,6 @@ def load_model(path, overrides=None, device="cpu", read=read_checkpoint):
 
 def image_extensions():
     """File extensions PIL opens (lower case, with the dot): what list_images calls an image."""
-    from PIL import Image
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
@@ -280,9 +281,17 @@ def write_results(path, detections, images, categories, num_classes, unreadable=
                "unreadable": [{"file_name": name, "error": reason} for name, reason in unreadable]}
     os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
     for target, content in ((path, detections), (images_path(path), dataset)):
-        with open(target, "w") as f:
-            json.dump(content, f)
+        write_bytes_atomic(target, json.dumps(content).encode())   # whole, or WriteError
     return path, images_path(path)
+
+
+def save_image(image, path):
+    """A drawing to `path` (format from its extension), whole or not at all: encoded in
+    memory, then written through checkpoint.write_bytes_atomic (a full disk: WriteError
+    naming the file and its size, the drawing there before unchanged)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=Image.registered_extensions().get(os.path.splitext(str(path))[1].lower(), "PNG"))
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def image_entry(frame, video=None):
@@ -329,7 +338,6 @@ def default_json(out, kind):
 
 def _drawn_path(out, name):
     """A drawn image's file under --out: the input's relative path, .png if PIL cannot write its type."""
-    from PIL import Image
     writable = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     path = os.path.join(out, name)
     return path if os.path.splitext(name)[1].lower() in writable else path + ".png"
@@ -374,12 +382,12 @@ def predict_files(loaded, source, out=None, json_path=None, threshold=0.5, max_d
         if kind == "video":
             writer.write(drawn)
         elif kind == "image":
-            drawn.save(out)
+            save_image(drawn, out)
         else:
             name = f"{os.path.splitext(video)[0]}_{frame.index:06d}.png" if video else frame.name
             target = _drawn_path(out, name)
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            drawn.save(target)
+            save_image(drawn, target)
     if writer is not None:
         writer.close()
     seconds = time.perf_counter() - start

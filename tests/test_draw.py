@@ -131,6 +131,18 @@ def test_plot_logs_writes_a_png(tmp_path):
     Image.open(tmp_path / "c.png").verify()
 
 
+def test_a_fine_tuned_runs_first_line_is_not_an_epoch(tmp_path):
+    """log.txt of a --finetune run starts with where its weights came from: read and plotted
+    as the epochs after it."""
+    log = tmp_path / "log.txt"
+    log.write_text("\n".join([json.dumps({"finetune": {"source": "coco.pth", "loaded": 300}})] +
+                             [json.dumps({"epoch": e, "train_loss": 5.0 - e, "test_coco_eval_bbox": [0.1] * 12})
+                              for e in range(2)]))
+    assert [r["epoch"] for r in draw.read_log(log)] == [0, 1]
+    draw.plot_logs([log], tmp_path / "c.png")
+    Image.open(tmp_path / "c.png").verify()
+
+
 def test_read_log_names_what_is_wrong_and_plot_leaves_gaps(tmp_path):
     """A json that is not a training log is refused with its name; a log whose lines lack a
     key (another codebase's, or one that started without evaluation) still plots."""

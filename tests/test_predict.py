@@ -182,3 +182,33 @@ def test_video_gives_one_prediction_set_per_frame(tmp_path):
                             key=lambda d: -d[2])
         assert_same_detections(from_video, as_images[f"{i}.png"])
     assert predict.video_info(tmp_path / "drawn.mp4") == (Fraction(12), 5, (96, 64))
+
+
+@pytest.mark.parametrize("victim", ["pred.png", "pred.json"])
+def test_full_disk_on_a_drawing_or_the_results_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, victim):
+    """A full disk while the drawing or the results json is written: one line naming that file
+    and the bytes it needed; the file from the run before is byte for byte as it was."""
+    import errno
+    import os
+    ckpt = small_checkpoint(tmp_path / "ckpt.pth")
+    noise_image(tmp_path / "photo.png", 80, 60, seed=1)
+    argv = ["--resume", ckpt, "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "pred.png"),
+            "--threshold", "0", "--no-progress"]
+    eval_script.main(argv)                                        # a first run: both files whole
+    before = (tmp_path / victim).read_bytes()
+    real_replace = os.replace
+
+    def full_disk(src, dst):                                      # the rename of the new file fails
+        if os.path.basename(str(dst)) == victim:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    noise_image(tmp_path / "photo.png", 80, 60, seed=2)           # new pixels: a new drawing
+    with pytest.raises(SystemExit) as exc:
+        eval_script.main(argv)
+    message = exc.value.code
+    assert message.startswith(f"error: cannot write {tmp_path / victim}: No space left on device (needed ")
+    assert "\n" not in message and "is unchanged" in message
+    assert (tmp_path / victim).read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]   # no temporary file left
