@@ -52,7 +52,7 @@ def get_args_parser():
 
 
 def reader(variant):
-    """path -> (settings, state_dict, categories) for minidetr's files and official ones
+    """path -> checkpoint.Contents for minidetr's files and official ones
     (converted on load, as --variant says which reference saved them)."""
     return lambda path: convert.read_any_checkpoint(path, variant)
 

@@ -35,12 +35,13 @@ from minidetr.checkpoint import append_line
 from minidetr.config import add_arguments, config_from_args
 from minidetr.convert import read_any_checkpoint
 from minidetr.data import move_targets
-from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets, build_optimizer,
+from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets,
                              checkpoint_write_failed, fit_num_classes, load_training_state,
                              load_weights, make_loader, read_resume)
 from minidetr.evaluation import autocast, evaluate, format_stats
 from minidetr.instability import InstabilityLog
 from minidetr.losses import total_loss
+from minidetr.optim import build_optimizer
 
 def get_args_parser():
     parser = argparse.ArgumentParser("minidetr training", description=__doc__.split("\n\n")[0])
@@ -50,7 +51,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:   # every mistake on the command line stops here, before any slow work, with what to do
-        source = (finetune.Source(args.finetune, *read_any_checkpoint(args.finetune, args.variant))
+        source = (finetune.Source(args.finetune, *read_any_checkpoint(args.finetune, args.variant)[:3])
                   if args.finetune else None)   # official files are converted on the fly
         cfg = config_from_args(args) if source is None else finetune.config_for(args, source)
         ckpt = read_resume(cfg.resume, cfg) if cfg.resume else None

@@ -52,7 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.py (helpers)
 from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
 from minidetr import Config, build                                # noqa: E402
-from minidetr.engine import LossMeter, build_optimizer  # noqa: E402
+from minidetr.engine import LossMeter                  # noqa: E402
+from minidetr.optim import build_optimizer               # noqa: E402
 from train import train_step      # noqa: E402  the training step itself, as train.py's loop runs it
 from minidetr.evaluation import autocast                          # noqa: E402
 from minidetr.losses import total_loss                            # noqa: E402

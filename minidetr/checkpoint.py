@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -212,8 +213,16 @@ def is_official_checkpoint(ckpt):
     return "args" in ckpt or any(k.startswith("transformer.") for k in ckpt.get("model", {}))
 
 
+class Contents(NamedTuple):
+    """What a checkpoint holds for rebuilding its model (read_checkpoint, convert.read_any_checkpoint)."""
+    settings: dict          # every Config field
+    state_dict: dict        # minidetr's names
+    categories: object      # categories.Categories, or None when the file does not say
+    missing: list           # settings the file lacked (another version of minidetr): its preset's
+
+
 def minidetr_contents(path, ckpt):
-    """A loaded minidetr checkpoint -> (settings dict, state_dict, Categories or None).
+    """A loaded minidetr checkpoint -> Contents.
 
     A file from another version of minidetr: a setting it lacks takes its preset's value,
     one this version does not know is dropped (weights that then do not fit are an error
@@ -230,11 +239,11 @@ def minidetr_contents(path, ckpt):
     saved = dict(ckpt["config"])
     defaults = Config.for_variant(saved.get("variant", "detr"), saved.get("preset", "paper")).to_dict()
     settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
-    return settings, ckpt["model"], for_checkpoint(ckpt)
+    return Contents(settings, ckpt["model"], for_checkpoint(ckpt), sorted(set(defaults) - set(saved)))
 
 
 def read_checkpoint(path):
-    """(settings, state_dict, categories) of a minidetr checkpoint file (minidetr_contents)."""
+    """Contents of a minidetr checkpoint file (minidetr_contents)."""
     return minidetr_contents(path, load_safely(path))
 
 

@@ -48,7 +48,7 @@ import torch
 
 from minidetr.backbone import RESNETS
 from minidetr.categories import Categories
-from minidetr.checkpoint import is_official_checkpoint, load_safely, minidetr_contents, save_atomic
+from minidetr.checkpoint import Contents, is_official_checkpoint, load_safely, minidetr_contents, save_atomic
 from minidetr.config import Config
 from minidetr.detr import build
 
@@ -318,7 +318,7 @@ def convert_file(ckpt, variant, **overrides):
 
 
 def read_any_checkpoint(path, variant=None):
-    """A minidetr or official checkpoint file -> (settings dict, minidetr state_dict, Categories or None).
+    """A minidetr or official checkpoint file -> checkpoint.Contents (settings, weights, categories).
 
     Official files (no minidetr 'config') are converted here; `variant` (--variant) says which
     reference saved one: the message names the variant its weights look like when it is
@@ -337,7 +337,7 @@ def read_any_checkpoint(path, variant=None):
     except ValueError as err:
         raise ValueError(f"cannot convert {path} as --variant {variant}: {err}") from None
     # the references train COCO with its ids as rows (91 = largest id + 1): COCO's names
-    return cfg.to_dict(), state_dict, Categories.coco() if cfg.num_classes == 91 else None
+    return Contents(cfg.to_dict(), state_dict, Categories.coco() if cfg.num_classes == 91 else None, [])
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""What train.py's loop stands on: optimiser, datasets, and exact resume.
+"""What train.py's loop stands on: datasets, and exact resume (the optimiser is in optim.py).
 
 train.py holds the loop itself (data -> forward -> loss -> backward -> clip -> step -> log);
 everything here is what that loop calls. Two properties matter beyond getting the numbers right:
@@ -29,7 +29,6 @@ from minidetr.check import check_before_training, split_files
 from minidetr.checkpoint import (cannot_write, copy_atomic, is_official_checkpoint, load_safely, rng_state,
                                  save_atomic, set_rng_state)
 from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
-from minidetr.optim import AdamW, StepDrop
 
 
 class DataError(RuntimeError):
@@ -45,19 +44,6 @@ class DataError(RuntimeError):
         lines = [line for line in str(err).splitlines() if line.strip()]
         last = lines[-1] if lines else repr(err)
         return last.split("DataError: ", 1)[-1]
-
-
-# ---- optimiser (DETR: AdamW, two learning rates, step drop) ----
-
-def build_optimizer(model, cfg):
-    """AdamW with the backbone at lr_backbone and everything else at lr; x0.1 every lr_drop epochs."""
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-    groups = [{"params": rest, "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone})
-    optimizer = AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)   # torch's update, minidetr/optim.py
-    return optimizer, StepDrop(optimizer, cfg.lr_drop)
 
 
 # ---- datasets ----

@@ -106,3 +106,16 @@ class StepDrop:
 
     def load_state_dict(self, saved):
         self.last_epoch = saved["last_epoch"]
+
+
+# ---- DETR's optimiser for a model: two learning rates, step drop ----
+
+def build_optimizer(model, cfg):
+    """AdamW with the backbone at lr_backbone and everything else at lr; x0.1 every lr_drop epochs."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr_backbone})
+    optimizer = AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)   # torch's update, as above
+    return optimizer, StepDrop(optimizer, cfg.lr_drop)

@@ -60,13 +60,13 @@ class Loaded(NamedTuple):
 def load_model(path, overrides=None, device="cpu", read=read_checkpoint):
     """Rebuild the model from a checkpoint's settings and load its weights -> Loaded.
 
-    overrides: Config fields to replace (None values are ignored). read: path -> (settings,
-    state_dict, categories); checkpoint.read_checkpoint reads minidetr's files, eval.py passes
+    overrides: Config fields to replace (None values are ignored). read: path ->
+    checkpoint.Contents; checkpoint.read_checkpoint reads minidetr's files, eval.py passes
     convert.read_any_checkpoint, which also converts official ones (convert.py stays a leaf
     that no module of the package imports). Raises ValueError / FileNotFoundError with a
     message for the user.
     """
-    settings, state_dict, categories = read(path)
+    settings, state_dict, categories, missing = read(path)
     settings = {**settings, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     cfg = Config(**settings).validate()
     model, criterion, postprocess = build(cfg)
@@ -74,9 +74,10 @@ def load_model(path, overrides=None, device="cpu", read=read_checkpoint):
         model.load_state_dict(state_dict)
     except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
         detail = " ".join(str(err).split())
-        raise ValueError(f"the weights in {path} do not fit the model its config describes (saved by "
-                         f"another version of minidetr? settings it lacks take the preset's values) "
-                         f"({detail[:200]}...)") from None
+        raise ValueError(f"the weights in {path} do not fit the model its config describes"
+                         + (f"; its config lacks {missing} (saved by another version of minidetr?), "
+                            f"which took the preset's values" if missing else "")
+                         + f" ({detail[:200]}...)") from None
     return Loaded(cfg, model.to(device).eval(), criterion, postprocess, categories)
 
 

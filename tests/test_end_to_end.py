@@ -12,7 +12,7 @@ from PIL import Image
 import minidetr
 from minidetr.checkpoint import load_safely, save_atomic
 from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
-from minidetr.engine import build_optimizer
+from minidetr.optim import build_optimizer
 from minidetr.evaluation import autocast, evaluate
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -119,7 +119,7 @@ def test_training_never_imports_torchs_compiler():
 import sys, torch
 from minidetr import build
 from minidetr.config import Config
-from minidetr.engine import build_optimizer
+from minidetr.optim import build_optimizer
 cfg = Config.for_variant("detr", "tiny")
 model, criterion, _ = build(cfg)
 optimizer, scheduler = build_optimizer(model, cfg)
