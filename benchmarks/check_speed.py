@@ -16,7 +16,7 @@ each with check.FILE_THREADS threads and with 1, to show what the thread pool bu
 Nothing is written to RESULTS.md: copy the printed lines there.
 
     python benchmarks/check_speed.py                          # 118,287 images in a temp dir
-    python benchmarks/check_speed.py --images 5000 --keep /tmp/ds
+    python benchmarks/check_speed.py --images 5000 --keep ds_folder
 """
 import argparse
 import io
