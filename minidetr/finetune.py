@@ -61,7 +61,7 @@ def config_for(args, source):
     given = {k: v for k, v in vars(args).items() if v is not None}
     saved = source.settings
     variant = given.get("variant", saved["variant"])
-    if FAMILY[variant] != FAMILY[saved["variant"]]:
+    if FAMILY.get(variant, variant) != FAMILY[saved["variant"]]:   # (an unknown name: Config says so)
         raise ValueError(f"--variant {variant} cannot load {source.path}: it holds a "
                          f"{saved['variant']} model; leave --variant out to fine-tune it as one")
     for key in ARCH_KEYS:
