@@ -63,8 +63,8 @@ def main(argv=None):
         model, criterion, postprocess = build(cfg)   # may load --backbone_weights
         report = None
         if source is not None and ckpt is None:   # (with --resume, its weights win)
-            report = finetune.load_for_finetune(model, source, cfg, train_set.categories,
-                                                by_name=cfg.finetune_by_name)
+            report = finetune.load_for_finetune(model, source, cfg, val_set.categories,   # (one table
+                                                by_name=cfg.finetune_by_name)                # for both splits)
         del source
         model.to(device)
         optimizer, scheduler = build_optimizer(model, cfg)

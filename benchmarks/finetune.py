@@ -88,6 +88,17 @@ def arm_argv(arm, seed, paths, pretrained, steps):
             "--max_steps", str(steps), "--eval_every", "2"]
 
 
+def step0(paths, pretrained):
+    """Each arm evaluated before its first step (train.py --eval): what the weights bring."""
+    import train
+    found = {}
+    for arm in ARMS:
+        for seed in SEEDS:
+            result = train.main(arm_argv(arm, seed, paths, pretrained, 0)[:-4] + ["--eval", "--num_workers", "0"])
+            found[f"{arm}|{seed}"] = {"stats": result["stats"], "per_class": {str(k): v for k, v in result["per_class"].items()}}
+    (OUT / "step0.json").write_text(json.dumps(found, indent=1))
+
+
 def overfit_lines():
     """The one line --overfit_batches 1 ends with, at the preset's lr and at 1e-9."""
     lines = {}
@@ -115,10 +126,15 @@ def curves(paths_categories):
     """{arm: {seed: [(step, AP, AP shared, AP new)]}} from the logs there are."""
     ids = {name: cat_id for cat_id, name in paths_categories.items()}
     shared, new = [ids[n] for n in SHARED], [ids[n] for n in NEW]
+    zero = json.loads((OUT / "step0.json").read_text()) if (OUT / "step0.json").exists() else {}
     out = {}
     for arm in ARMS:
         for seed in SEEDS:
             found = rows(OUT / f"{arm.replace(' ', '_')}_seed{seed}" / "log.txt")
+            start = zero.get(f"{arm}|{seed}")
+            if start:   # the evaluation before the first step (step0)
+                found = [{"step": 0, "test_coco_eval_bbox": start["stats"],
+                          "test_ap_per_category": start["per_class"]}] + found
             if found:
                 out.setdefault(arm, {})[seed] = [(r["step"], ap_of(r, None), ap_of(r, shared), ap_of(r, new))
                                                  for r in found]
@@ -143,7 +159,7 @@ def first_reaching(curve, target):
 
 
 def report(found, steps, overfit, results):
-    checkpoints = [s for s in (250, 500, 750, 1000) if s <= steps]
+    checkpoints = [s for s in (0, 250, 500, 750, 1000) if s <= steps]
     lines = ["## Fine-tuning", "",
              f"Machine: {machine_description()}; two runs at a time, one thread each, while other "
              "work (tests, other benchmarks) shared the cores: AP only, no timings.", "",
@@ -203,12 +219,15 @@ def main():
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time after the pretraining, one thread each")
     p.add_argument("--report_only", action="store_true")
+    p.add_argument("--step0", action="store_true", help="only evaluate each arm before its first step")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = p.parse_args()
     paths = second_dataset()
     categories = {c["id"]: c["name"] for c in json.loads(Path(paths["val_json"]).read_text())["categories"]}
     overfit = json.loads((OUT / "overfit.json").read_text()) if (OUT / "overfit.json").exists() else {}
-    if not args.report_only:
+    if args.step0:
+        step0(paths, OUT / "pretrain" / "checkpoint.pth")
+    elif not args.report_only:
         pretrained = OUT / "pretrain" / "checkpoint.pth"
         name_of = lambda arm, seed: f"{arm.replace(' ', '_')}_seed{seed}"
         # the pretraining alone first, on both cores: two torch threads beside other runs wait
@@ -220,6 +239,7 @@ def main():
             for done in cf.as_completed(pending):
                 print("done:", done.result(), flush=True)
                 report(curves(categories), args.steps, overfit, args.results)
+        step0(paths, pretrained)
         overfit = overfit_lines()
     found = curves(categories)
     report(found, args.steps, overfit, args.results)
