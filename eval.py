@@ -82,7 +82,10 @@ def predict_images(args, loaded, device):
     if n and not summary["detections"]:   # an empty result should say why, not look like a bug
         print(f"note: no prediction scored >= --threshold {args.threshold} (best {summary['best']:.2f}); "
               f"{args.out or summary['json']} has no boxes. Pass a lower --threshold to see the boxes "
-              f"(sigmoid-focal scores of a briefly trained model are often below 0.5).", file=sys.stderr)
+              + ("(sigmoid-focal scores of a briefly trained model are often below 0.5)."
+                 if loaded.cfg.focal_alpha is not None else
+                 "(a briefly trained model spreads its softmax over the classes and 'no object')."),
+              file=sys.stderr)
     return summary
 
 
