@@ -43,6 +43,7 @@ from minidetr.instability import InstabilityLog
 from minidetr.losses import total_loss
 from minidetr.optim import build_optimizer
 
+
 def get_args_parser():
     parser = argparse.ArgumentParser("minidetr training", description=__doc__.split("\n\n")[0])
     return add_arguments(parser)

@@ -21,6 +21,7 @@ convert.py reads (converted here, on the fly). What is taken, tensor by tensor:
 A checkpoint knows its categories when it stores a table (every minidetr checkpoint from
 this version on: categories.py) or is an official COCO one (COCO's 80 names by id).
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -50,7 +51,6 @@ class Source:
     settings: dict
     state_dict: dict
     categories: object = None          # categories.Categories, or None when it does not say
-    flags_given: dict = field(default_factory=dict)
 
 
 def config_for(args, source):
@@ -74,17 +74,7 @@ def config_for(args, source):
                          f"the first N of them, so N <= {saved['num_queries']}")
     # the checkpoint's architecture, except where a flag was given (or --variant chose dn)
     inherited = {k: saved[k] for k in ARCH_KEYS if k not in given and not (k == "dn" and "variant" in given)}
-    merged = argparse_like(args, {**inherited, **given})
-    source.flags_given = given
-    return config_from_args(merged)
-
-
-def argparse_like(args, values):
-    """A copy of the parsed args with `values` set (config_from_args reads an args object)."""
-    copy = type(args)(**vars(args))
-    for k, v in values.items():
-        setattr(copy, k, v)
-    return copy
+    return config_from_args(argparse.Namespace(**{**vars(args), **inherited}))
 
 
 # ---- loading the weights ----
