@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from convergence import machine_description, update_section   # noqa: E402
+from minidetr.draw import read_log                               # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "finetune"
 SHARED, NEW = ("circle", "square", "triangle"), ("star", "hexagon", "pentagon")
@@ -51,11 +52,8 @@ def second_dataset():
 
 
 def rows(log):
-    """log.txt -> its evaluation rows (a fine-tuned run's first line is its source table)."""
-    if not log.exists():
-        return []
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [r for r in lines if "test_coco_eval_bbox" in r]
+    """log.txt -> its evaluation rows (draw.read_log, the project's one log reader)."""
+    return [r for r in read_log(log) if "test_coco_eval_bbox" in r] if log.exists() else []
 
 
 def run(name, argv, steps, threads=1):
