@@ -35,7 +35,7 @@ from minidetr.checkpoint import append_line
 from minidetr.config import add_arguments, config_from_args
 from minidetr.convert import read_any_checkpoint
 from minidetr.data import move_targets
-from minidetr.engine import (DataError, LossMeter, TrainingProgress, build_datasets,
+from minidetr.engine import (DataError, LossMeter, TimeLimit, TrainingProgress, build_datasets,
                              checkpoint_write_failed, fit_num_classes, load_training_state,
                              load_weights, make_loader, read_resume)
 from minidetr.evaluation import autocast, evaluate, format_stats
@@ -56,6 +56,8 @@ def main(argv=None):
                   if args.finetune else None)   # official files are converted on the fly
         cfg = config_from_args(args) if source is None else finetune.config_for(args, source)
         ckpt = read_resume(cfg.resume, cfg) if cfg.resume else None
+        time_limit = TimeLimit(cfg, ckpt)   # counts from here: the dataset's generation included
+        cfg = time_limit.resumed(cfg)   # a resumed run keeps the epochs its time limit chose
         device = setup(cfg)
         out_dir = make_output_dir(cfg)
         torch.manual_seed(cfg.seed + distributed.get_rank())
@@ -85,7 +87,9 @@ def main(argv=None):
     if distributed.is_main_process():
         print(f"minidetr: variant {cfg.variant}{' + dn' if cfg.dn and cfg.variant != 'dn' else ''}, "
               f"preset {cfg.preset}, {n_parameters:,} trainable parameters, {len(val_set)} val images"
-              + ("" if train_set is None else f", {len(train_set)} train images"))
+              + ("" if train_set is None else f", {len(train_set)} train images")
+              + (f"; {cfg.epochs} epochs, or as many as fit in {cfg.time_limit:g} minutes on this "
+                 f"machine (--time_limit)" if cfg.time_limit and not cfg.eval else ""))
         if report is not None:   # once: what came from the checkpoint, and what did not
             print(f"fine-tuning from {cfg.finetune}:", *report.lines(), sep="\n")
             if out_dir:
@@ -113,11 +117,21 @@ def main(argv=None):
     # --log_instability: DN-DETR's matching instability at each evaluation (off: does nothing)
     instability = InstabilityLog.for_run(cfg, train_set, criterion.matcher, device, ckpt)
     del ckpt
-    result, start_time = None, time.time()
+    result, loop_start = None, time.time()
+
+    def save(progress, finished):
+        try:
+            progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished,
+                          extra={**instability.checkpoint_entry(), **time_limit.checkpoint_entry()})
+        except OSError as err:   # a full disk: checkpoint.pth or the epoch's copy left as it was
+            sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
+
     with TrainingProgress(cfg, train_set, epoch, step) as progress:   # exact resume, Ctrl-C, max_steps
         while progress.epoch < cfg.epochs:
             model.train()
             meter = LossMeter()
+            if progress.step == 0:          # a whole epoch: --time_limit may time it
+                time_limit.epoch_begins()
             for batch in progress.batches():
                 loss, losses = train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter)
                 meter.add(loss, losses, criterion.weight_dict, progress.epoch, progress.step)   # no sync
@@ -132,11 +146,7 @@ def main(argv=None):
                 scheduler.step()
             # before the checkpoint: it keeps the assignment a resumed run compares with
             instability.measure_if_evaluating(raw_model, progress, finished)
-            try:
-                progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished,
-                              extra=instability.checkpoint_entry())
-            except OSError as err:   # a full disk: checkpoint.pth or the epoch's copy left as it was
-                sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
+            save(progress, finished)
             if progress.stop.should_stop():
                 interrupted(progress, out_dir)
                 break
@@ -151,7 +161,7 @@ def main(argv=None):
                                                 for k, v in result["per_class"].items()},
                        "epoch": progress.epoch - 1 if finished else progress.epoch,
                        "step": progress.global_step, "n_parameters": n_parameters,
-                       "epoch_time": round(time.time() - start_time, 1),   # since the run started
+                       "epoch_time": round(time.time() - loop_start, 1),   # since the loop started
                        # speed: the epoch's median step (loading + training) and the evaluation
                        "step_time_median": round(statistics.median(progress.step_times), 4)
                        if progress.step_times else None,
@@ -162,6 +172,11 @@ def main(argv=None):
                     print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
                           f"{format_stats(result['stats'])}", flush=True)
                 write_log(log, out_dir)
+                if finished and time_limit.minutes:   # once, after the first whole epoch
+                    cut = time_limit.fit(cfg, progress.epoch, scheduler)
+                    if cut is not cfg:   # saved again, so that a resumed run keeps the cut
+                        cfg = progress.cfg = cut
+                        save(progress, finished=False)
             if progress.ended_early:
                 break
     distributed.cleanup()

@@ -367,6 +367,64 @@ class TrainingProgress:
             rotate_checkpoints(out_dir, self.epoch, self.cfg.keep_checkpoints)
 
 
+class TimeLimit:
+    """--time_limit: as many of --epochs as fit in the minutes given, on this machine.
+
+    The tiny preset's 10 epochs take 7-8 minutes on a 2-core CPU with bf16 instructions and
+    two to three times that on one without (AVX2 only: its ResNet runs in float32, and
+    older cores are slower). Which one a run is on shows in the time its first epoch takes,
+    so after that epoch's evaluation (the first one this process runs to its end), with
+        t_epoch = that epoch's training + evaluation, t = the time since the run started,
+    the run keeps
+        epochs' = min(epochs, done + floor((limit - t) / t_epoch))
+        lr_drop' = round(lr_drop * epochs' / epochs)   (at least done + 1: still ahead)
+    and says so in one line. The lr drop keeps its place in the schedule because most of what
+    a run gains from the drop comes right after it, wherever it falls (benchmarks/RESULTS.md).
+    The decision is saved in the checkpoint ("schedule") and a resumed run keeps it.
+    """
+
+    clock = staticmethod(time.time)   # read once in each method (tests give it a fake)
+
+    def __init__(self, cfg, ckpt=None):
+        """Made as the run starts, before the dataset is built: t counts its generation too."""
+        self.minutes, self.start = cfg.time_limit, self.clock()
+        self.schedule = (ckpt or {}).get("schedule")   # {"epochs", "lr_drop"} once decided
+        self.epoch_start = None
+
+    def resumed(self, cfg):
+        """cfg with the schedule a resumed run decided (its epochs, lr drop), if any."""
+        if not (self.minutes and self.schedule):
+            return cfg
+        return dataclasses.replace(cfg, **self.schedule)
+
+    def epoch_begins(self):
+        self.epoch_start = self.clock()
+
+    def fit(self, cfg, done, scheduler):
+        """After an evaluation that followed a whole epoch: cfg cut to what fits (or cfg)."""
+        if not self.minutes or self.schedule is not None or self.epoch_start is None:
+            return cfg
+        now = self.clock()   # under torchrun every rank takes the same decision: the ranks' mean
+        per_epoch = distributed.all_reduce_mean(now - self.epoch_start)
+        left = distributed.all_reduce_mean(self.minutes * 60 - (now - self.start))
+        epochs = min(cfg.epochs, max(done, done + int(left // max(per_epoch, 1e-9))))
+        lr_drop = cfg.lr_drop
+        if epochs < cfg.epochs and cfg.lr_drop < cfg.epochs:
+            lr_drop = max(done + 1, round(cfg.lr_drop * epochs / cfg.epochs))
+        self.schedule = {"epochs": epochs, "lr_drop": lr_drop}
+        if epochs == cfg.epochs:
+            return cfg
+        scheduler.step_size = lr_drop
+        if distributed.is_main_process():
+            print(f"time limit: an epoch takes {per_epoch:.0f} s here, so {epochs} of the {cfg.epochs} "
+                  f"epochs fit in {self.minutes:g} minutes (lr drop after {lr_drop}); "
+                  f"--time_limit 0 trains all {cfg.epochs}", flush=True)
+        return dataclasses.replace(cfg, epochs=epochs, lr_drop=lr_drop)
+
+    def checkpoint_entry(self):
+        return {"schedule": self.schedule} if self.schedule else {}
+
+
 def checkpoint_write_failed(err, out_dir):
     """The one line when writing a file of the run failed (a full disk, say): checkpoint.pth,
     an epoch's copy or log.txt, named by the WriteError its writer raised with the bytes it

@@ -289,3 +289,68 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "is_main_process", lambda: False)
     train.main(DN + ["--output_dir", str(tmp_path / "out"), "--max_steps", "1"])
     assert os.listdir(tmp_path) == []
+
+
+# ---- --time_limit: the preset's epochs, or as many as fit ----
+
+class FakeClock:
+    """time.time for TimeLimit: 0, 1000, 2000, ... seconds, one step per reading."""
+    def __init__(self):
+        self.now = -1000.0
+
+    def __call__(self):
+        self.now += 1000.0
+        return self.now
+
+
+def test_time_limit_cuts_the_epochs_and_moves_the_lr_drop(monkeypatch):
+    """By hand: started at 0, epoch began at 1000 s and its evaluation ended at 2000 s, so an
+    epoch takes 1000 s and 4500 - 2000 = 2500 s are left: 2 more epochs, 3 in all; the drop
+    after 8 of 10 moves to round(8 * 3 / 10) = 2. A limit that holds every epoch changes nothing."""
+    from minidetr import Config
+    from minidetr.optim import StepDrop
+
+    cfg = Config.for_variant("dn", "tiny", time_limit=4500 / 60)
+    assert (cfg.epochs, cfg.lr_drop) == (10, 8)
+    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
+    limit, scheduler = engine.TimeLimit(cfg), StepDrop(torch.optim.SGD([torch.zeros(1)], lr=1.0), 8)
+    limit.epoch_begins()
+    cut = limit.fit(cfg, 1, scheduler)
+    assert (cut.epochs, cut.lr_drop, scheduler.step_size) == (3, 2, 2)
+    assert limit.checkpoint_entry() == {"schedule": {"epochs": 3, "lr_drop": 2}}
+    assert limit.fit(cut, 2, scheduler) is cut            # decided once
+    assert engine.TimeLimit(cfg, {"schedule": {"epochs": 3, "lr_drop": 2}}).resumed(cfg) == cut
+
+    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
+    roomy = Config.for_variant("dn", "tiny", time_limit=20000 / 60)   # 18,000 s left: 18 epochs
+    limit = engine.TimeLimit(roomy)
+    limit.epoch_begins()
+    assert limit.fit(roomy, 1, scheduler) is roomy and limit.schedule == {"epochs": 10, "lr_drop": 8}
+
+
+def test_time_limit_defaults():
+    """The tiny preset's length adapts; a length the user gave (--epochs, --max_steps) does not."""
+    from minidetr.config import config_from_args
+
+    def cfg(*argv):
+        return config_from_args(train.get_args_parser().parse_args(["--variant", "dn", *argv]))
+    assert cfg().time_limit == 9.5
+    assert cfg("--epochs", "3").time_limit == 0 and cfg("--max_steps", "10").time_limit == 0
+    assert cfg("--epochs", "3", "--time_limit", "2").time_limit == 2
+    assert cfg("--coco_path", "somewhere").time_limit == 0          # the paper preset: never
+
+
+def test_time_limit_cut_is_saved_and_a_resumed_run_keeps_it(tmp_path, monkeypatch, capsys):
+    """A run cut to 1 of its 2 epochs says so, stops after it, and a resumed run trains nothing."""
+    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())   # an epoch of 1000 s
+    out = str(tmp_path / "cut")
+    argv = DN + ["--output_dir", out, "--time_limit", str(2500 / 60)]   # 500 s left after it
+    train.main(argv)
+    printed = capsys.readouterr().out
+    assert "2 epochs, or as many as fit in 41.6667 minutes on this machine (--time_limit)" in printed
+    assert "so 1 of the 2 epochs fit in 41.6667 minutes" in printed
+    saved = load(os.path.join(out, "checkpoint.pth"))
+    assert saved["epoch"] == 1 and saved["schedule"] == {"epochs": 1, "lr_drop": 8}   # no drop within 2: kept
+    assert saved["config"]["epochs"] == 1
+    train.main(argv + ["--resume", os.path.join(out, "checkpoint.pth")])
+    assert "nothing to train: the checkpoint has done 1 epochs and --epochs is 1" in capsys.readouterr().out
