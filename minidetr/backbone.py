@@ -21,6 +21,7 @@ Equations:
                   output channels [y-part (F), x-part (F)].
 """
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -208,8 +209,21 @@ def stage_strides(dilation=False):
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
+# oneDNN's names for the instruction sets that compute bf16 natively (ONEDNN_MAX_CPU_ISA)
+BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+             "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL"}
+
+
 def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (x86 AVX-512 BF16 or AMX tiles)."""
+    """True where the CPU computes bf16 natively (x86 AVX-512 BF16 or AMX tiles).
+
+    ONEDNN_MAX_CPU_ISA caps the instructions oneDNN's kernels use: capped below bf16 (AVX2,
+    say, as benchmarks/RESULTS.md does to stand in for a CPU without bf16), its bf16
+    convolutions would be emulated and slow, so the answer is no.
+    """
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in BF16_ISAS:
+        return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:   # a torch without these probes, or not an x86 build: assume not

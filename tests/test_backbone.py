@@ -220,6 +220,17 @@ def test_precision_switch_and_auto():
         make("fp16")
 
 
+@pytest.mark.parametrize("isa, capped", [("AVX2", True), ("avx512_core", True), ("AVX512_CORE_BF16", False),
+                                         ("AVX512_CORE_AMX", False), ("ALL", False)])
+def test_onednn_isa_cap_below_bf16_means_no_bf16(monkeypatch, isa, capped):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's list) would emulate bf16: 'auto' is
+    fp32 then; at or above it the CPU's own answer stands."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    native = cpu_has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert cpu_has_bf16() == (False if capped else native)
+
+
 def test_bf16_backbone_is_close_to_float64_and_trains_in_float32():
     """The bf16 backbone returns float32 maps within bf16's rounding of a float64 forward of the
     same weights (8-bit mantissa: ~0.4% per op, a few % after ResNet-18 to layer2), and every
