@@ -173,7 +173,7 @@ def main(argv=None):
                           f"{format_stats(result['stats'])}", flush=True)
                 write_log(log, out_dir)
                 if finished and time_limit.minutes:   # once, after the first whole epoch
-                    cut = time_limit.fit(cfg, progress.epoch, scheduler)
+                    cut = time_limit.fit(cfg, progress.epoch)
                     if cut is not cfg:   # saved again, so that a resumed run keeps the cut
                         cfg = progress.cfg = cut
                         save(progress, finished=False)

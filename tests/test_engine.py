@@ -303,29 +303,28 @@ class FakeClock:
         return self.now
 
 
-def test_time_limit_cuts_the_epochs_and_moves_the_lr_drop(monkeypatch):
+def test_time_limit_cuts_the_epochs(monkeypatch):
     """By hand: started at 0, epoch began at 1000 s and its evaluation ended at 2000 s, so an
-    epoch takes 1000 s and 4500 - 2000 = 2500 s are left: 2 more epochs, 3 in all; the drop
-    after 8 of 10 moves to round(8 * 3 / 10) = 2. A limit that holds every epoch changes nothing."""
+    epoch takes 1000 s and 4500 - 2000 = 2500 s are left: 2 more epochs, 3 in all. A limit
+    that holds every epoch changes nothing."""
     from minidetr import Config
-    from minidetr.optim import StepDrop
 
     cfg = Config.for_variant("dn", "tiny", time_limit=4500 / 60)
     assert (cfg.epochs, cfg.lr_drop) == (10, 8)
     monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
-    limit, scheduler = engine.TimeLimit(cfg), StepDrop(torch.optim.SGD([torch.zeros(1)], lr=1.0), 8)
+    limit = engine.TimeLimit(cfg)
     limit.epoch_begins()
-    cut = limit.fit(cfg, 1, scheduler)
-    assert (cut.epochs, cut.lr_drop, scheduler.step_size) == (3, 2, 2)
-    assert limit.checkpoint_entry() == {"schedule": {"epochs": 3, "lr_drop": 2}}
-    assert limit.fit(cut, 2, scheduler) is cut            # decided once
-    assert engine.TimeLimit(cfg, {"schedule": {"epochs": 3, "lr_drop": 2}}).resumed(cfg) == cut
+    cut = limit.fit(cfg, 1)
+    assert (cut.epochs, cut.lr_drop) == (3, 8)           # the drop after 8 falls away
+    assert limit.checkpoint_entry() == {"schedule": {"epochs": 3}}
+    assert limit.fit(cut, 2) is cut                      # decided once
+    assert engine.TimeLimit(cfg, {"schedule": {"epochs": 3}}).resumed(cfg) == cut
 
     monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
     roomy = Config.for_variant("dn", "tiny", time_limit=20000 / 60)   # 18,000 s left: 18 epochs
     limit = engine.TimeLimit(roomy)
     limit.epoch_begins()
-    assert limit.fit(roomy, 1, scheduler) is roomy and limit.schedule == {"epochs": 10, "lr_drop": 8}
+    assert limit.fit(roomy, 1) is roomy and limit.schedule == {"epochs": 10}
 
 
 def test_time_limit_defaults():
@@ -350,7 +349,7 @@ def test_time_limit_cut_is_saved_and_a_resumed_run_keeps_it(tmp_path, monkeypatc
     assert "2 epochs, or as many as fit in 41.6667 minutes on this machine (--time_limit)" in printed
     assert "so 1 of the 2 epochs fit in 41.6667 minutes" in printed
     saved = load(os.path.join(out, "checkpoint.pth"))
-    assert saved["epoch"] == 1 and saved["schedule"] == {"epochs": 1, "lr_drop": 8}   # no drop within 2: kept
+    assert saved["epoch"] == 1 and saved["schedule"] == {"epochs": 1}
     assert saved["config"]["epochs"] == 1
     train.main(argv + ["--resume", os.path.join(out, "checkpoint.pth")])
     assert "nothing to train: the checkpoint has done 1 epochs and --epochs is 1" in capsys.readouterr().out
