@@ -22,13 +22,13 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 
 from PIL import Image
 
+from common import cpu_model
 from minidetr import check
 
 # train2017's most common sizes (w, h); what matters is that each file's header holds one
@@ -77,14 +77,6 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=118_287, help="train2017 has 118,287")
@@ -113,7 +105,7 @@ def main():
                   f"a file), warm {warm:.1f} s ({warm / len(images) * 1e6:.0f} us), whole split warm {split:.1f} s")
         check.FILE_THREADS = threads
         load = os.getloadavg()
-        print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; load average over 1/5/15 min "
+        print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; load average over 1/5/15 min "
               f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (other work shares the cores)")
     finally:
         if not args.keep:

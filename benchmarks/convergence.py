@@ -28,16 +28,13 @@ import argparse
 import datetime
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent      # the repository: train.py lives here
-sys.path.insert(0, str(ROOT))
+# shared with the other benchmark scripts: RESULTS.md, the machine line, log curves, resumable runs
+from common import (ROOT, curve_at, fmt_spread, machine_description, pyplot, read_curve, run_one,
+                    save_ap_plot, settings, settings_diff, steps_to_reach, update_section)
 
 # name -> train.py flags; the name is also the run folder's prefix
 RUNS = {
@@ -70,48 +67,6 @@ PAPER_CLAIMS = {
 QUICK = dict(shapes_train=24, shapes_val=16, steps=12, seeds=[0])   # 4 epochs of 3 steps
 
 
-# ---- RESULTS.md sections and the machine (speed.py uses these too) ----
-
-def update_section(path, name, body):
-    """Replace the text between <!-- name:start --> and <!-- name:end --> in `path` (or append)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = Path(path).read_text() if Path(path).exists() else "# minidetr benchmark results\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine_description():
-    """One line: CPU model, usable cores, torch version and threads, Python, git commit."""
-    import torch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "minidetr", "train.py"], cwd=ROOT,
-                               text=True, capture_output=True).stdout.strip()
-        commit = f"{commit}{' + uncommitted changes' if dirty else ''}" if commit else "unknown"
-    except OSError:
-        commit = "unknown"
-    return (f"{cpu_model()}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, minidetr commit {commit}")
-
-
 # ---- the budget ----
 
 def schedule(steps=None, **overrides):
@@ -133,57 +88,11 @@ def schedule(steps=None, **overrides):
     return dict(steps=steps, steps_per_epoch=per_epoch, epochs=epochs, lr_drop=lr_drop, flags=flags)
 
 
-# ---- reading the runs' logs ----
-
-def read_curve(log_path):
-    """log.txt -> list of (step, AP, AP50, AP75), sorted by step, one row per step."""
-    rows = {}
-    if Path(log_path).exists():
-        for line in Path(log_path).read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["step"]] = [row["test_coco_eval_bbox"][i] for i in METRICS.values()]
-    return [(step, *rows[step]) for step in sorted(rows)]
-
-
-def settings(argv):
-    """What a run folder is checked against: train.py's arguments and the Config they resolve to
-    (so a retuned preset is noticed too)."""
-    from minidetr.config import config_from_args
-    from train import get_args_parser
-    config = config_from_args(get_args_parser().parse_args(argv)).to_dict()
-    return {"train_argv": argv, "config": json.loads(json.dumps(config))}
-
-
-def settings_diff(run_dir, expected, ignore=()):
-    """Where run_dir's benchmark.json differs from `expected`: ['train.py arguments', Config fields...].
-
-    ignore: Config fields that do not change what is learned (long_race.py: max_steps, a run
-    extended chunk by chunk; output_dir), left out of both the arguments and the fields.
-    """
-    meta = Path(run_dir) / "benchmark.json"
-    if not meta.exists():
-        return []
-    saved = json.loads(meta.read_text())
-    diff = (["train.py arguments"] if _without(saved.get("train_argv", []), ignore)
-            != _without(expected["train_argv"], ignore) else [])
-    old, new = saved.get("config", {}), expected.get("config", {})
-    return diff + sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
-
-
-def _without(argv, fields):
-    """argv without the flags --<field> of `fields` and their values."""
-    flags, out, skip = {f"--{f}" for f in fields}, [], False
-    for arg in argv:
-        if not skip and arg not in flags:
-            out.append(arg)
-        skip = not skip and arg in flags
-    return out
-
+# ---- the runs ----
 
 def run_state(run_dir, budget, expected=None):
     """'complete' (the log reaches the budget), 'resume' (a checkpoint exists), 'fresh', or
-    'other settings' (the folder's benchmark.json differs from `expected`, see settings())."""
+    'other settings' (the folder's benchmark.json differs from `expected`, see common.settings())."""
     if expected is not None and settings_diff(run_dir, expected):
         return "other settings"
     curve = read_curve(Path(run_dir) / "log.txt")
@@ -191,40 +100,6 @@ def run_state(run_dir, budget, expected=None):
         return "complete"
     return "resume" if (Path(run_dir) / "checkpoint.pth").exists() else "fresh"
 
-
-# ---- curves: interpolation and the steps to reach a target ----
-
-def value_at(steps, values, at):
-    """Linear interpolation of the curve (0, 0), (steps[i], values[i]) at step `at` (flat past the end)."""
-    import numpy as np
-    return float(np.interp(at, [0, *steps], [0.0, *values]))
-
-
-def curve_at(curve, at, column=1):
-    """value_at for a run's curve [(step, AP, AP50, AP75)]: column 1 is AP, 2 AP50, 3 AP75."""
-    return value_at([r[0] for r in curve], [r[column] for r in curve], at)
-
-
-def steps_to_reach(steps, values, target):
-    """First step at which the interpolated curve (0, 0), (steps, values) reaches `target`; None if never."""
-    xs, ys = [0, *steps], [0.0, *values]
-    if target <= 0:
-        return 0.0
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if y1 >= target:
-            return x0 + (x1 - x0) * (target - y0) / (y1 - y0) if y1 != y0 else x0
-    return None
-
-
-def fmt_spread(values, digits=3):
-    """'mean (min-max)' of a list of floats; just the value for one."""
-    mean, lo, hi = sum(values) / len(values), min(values), max(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
-
-
-# ---- running train.py ----
 
 def train_argv(name, seed, run_dir, budget, args):
     """train.py's arguments for one run (without --resume)."""
@@ -238,76 +113,6 @@ def train_argv(name, seed, run_dir, budget, args):
     if args.device:
         argv += ["--device", args.device]
     return argv + shlex.split(args.train_args)
-
-
-def run_one(argv, run_dir, budget, write):
-    """Run (or resume) one train.py; its stdout goes to `write` and run_dir/train_stdout.txt.
-
-    run_dir/benchmark.json keeps the settings, the machine, the date and the wall time
-    summed over the invocations that trained this run.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta_path, started = run_dir / "benchmark.json", time.time()
-    meta = {"wall_s": 0.0, **(json.loads(meta_path.read_text()) if meta_path.exists() else {}),
-            **settings(argv), "machine": machine_description(), "date": datetime.date.today().isoformat()}
-    meta_path.write_text(json.dumps(meta, indent=1))
-    try:
-        return _train(argv, run_dir, budget, write)
-    finally:
-        meta["wall_s"] += time.time() - started
-        meta_path.write_text(json.dumps(meta, indent=1))
-
-
-def _train(argv, run_dir, budget, write):
-    ckpt = run_dir / "checkpoint.pth"
-    if ckpt.exists() and checkpoint_step(ckpt, budget)[0] >= budget["steps"]:
-        return evaluate_final(argv, ckpt, budget, run_dir, write)
-    if ckpt.exists():
-        argv = argv + ["--resume", str(ckpt)]
-    elif (run_dir / "log.txt").exists():   # a log without a checkpoint cannot be continued
-        (run_dir / "log.txt").unlink()
-    cmd = [sys.executable, "-u", "train.py", *argv]
-    write(f"$ {shlex.join(cmd[1:])}")
-    with open(run_dir / "train_stdout.txt", "a") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # stderr: tqdm bars
-        try:
-            for line in proc.stdout:
-                out.write(line)
-                write(line.rstrip())
-        except KeyboardInterrupt:   # the child got the same SIGINT and is saving a checkpoint
-            proc.wait()
-            raise
-        return proc.wait()
-
-
-def checkpoint_step(ckpt, budget):
-    """(global optimiser step, epoch being trained) of a train.py checkpoint."""
-    from minidetr.checkpoint import load_safely
-    saved = load_safely(str(ckpt))
-    epoch, step = saved.get("epoch", 0), saved.get("step", 0)
-    return epoch * budget["steps_per_epoch"] + step, epoch - 1 if step == 0 else epoch
-
-
-def evaluate_final(argv, ckpt, budget, run_dir, write):
-    """A run killed between its last checkpoint and its last log line: evaluate that checkpoint.
-
-    (train.py --resume from a checkpoint already at --max_steps trains nothing and does not
-    evaluate either.) Same evaluation code: train.main with --eval. Appends the log line
-    train.py would have written.
-    """
-    write(f"{run_dir.name}: checkpoint at the budget but no final log line; evaluating it")
-    code = "import json, sys, train; r = train.main(sys.argv[1:]); print('STATS', json.dumps(r['stats']))"
-    out = subprocess.run([sys.executable, "-c", code, *argv, "--eval", "--resume", str(ckpt)],
-                         cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    stats = [line for line in out.stdout.splitlines() if line.startswith("STATS ")]
-    if out.returncode or not stats:
-        return out.returncode or 1
-    step, epoch = checkpoint_step(ckpt, budget)
-    row = {"test_coco_eval_bbox": json.loads(stats[-1][6:]), "step": step, "epoch": epoch,
-           "note": "final checkpoint evaluated by benchmarks/convergence.py"}
-    with open(run_dir / "log.txt", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    return 0
 
 
 # ---- the report ----
@@ -369,8 +174,12 @@ def render(found, metas, args, budget, command):
     return "\n".join(lines)
 
 
-def mean_curve(runs):
-    """Mean AP over seeds at every step any seed was evaluated at: (steps, AP values)."""
+def mean_at_any_step(runs):
+    """Mean AP over seeds at every step any seed was evaluated at: (steps, AP values).
+
+    A seed without an evaluation at a step is read off its interpolated curve, flat past its
+    end: right here, where every run is complete at one budget (long_race.py, whose runs are
+    still under way, averages only the steps every seed has reached)."""
     steps = sorted({r[0] for c in runs.values() for r in c})
     return steps, [sum(curve_at(c, s) for c in runs.values()) / len(runs)
                    for s in steps]
@@ -380,10 +189,10 @@ def reach_cells(found, name, n):
     """[steps, fraction, per-seed fractions] for reaching the baseline's final AP."""
     if BASELINE not in found:
         return ["n/a", "n/a", f"no complete {BASELINE} run"]
-    target = mean_curve(found[BASELINE])[1][-1]
+    target = mean_at_any_step(found[BASELINE])[1][-1]
     if target <= 0:
         return ["n/a", "n/a", f"{BASELINE}'s final AP is 0"]
-    hit = steps_to_reach(*mean_curve(found[name]), target)
+    hit = steps_to_reach(*mean_at_any_step(found[name]), target)
     per_seed = []
     for seed, curve in found[name].items():
         base = found[BASELINE].get(seed)
@@ -396,11 +205,8 @@ def reach_cells(found, name, n):
 
 def plot(found, out_png, budget):
     """AP against step, one line per variant (mean) with a shaded min-max band over seeds."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("convergence.png skipped: plotting needs matplotlib (pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -414,23 +220,10 @@ def plot(found, out_png, budget):
             ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
                             color=line.get_color(), alpha=0.2)
     if BASELINE in found:
-        ax.axhline(mean_curve(found[BASELINE])[1][-1], color="grey", ls="--", lw=0.8,
+        ax.axhline(mean_at_any_step(found[BASELINE])[1][-1], color="grey", ls="--", lw=0.8,
                    label=f"{BASELINE} final AP")
     ax.set_xlim(0, budget["steps"])
     return save_ap_plot(fig, ax, out_png, "training step", "minidetr, tiny preset, shapes dataset", 8)
-
-
-def save_ap_plot(fig, ax, out_png, xlabel, title, legend_size):
-    """Label an AP-against-step plot, write it to out_png and close it (long_race.py's too)."""
-    import matplotlib.pyplot as plt
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("COCO AP (val)")
-    ax.set_title(title)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
 
 
 # ---- main ----

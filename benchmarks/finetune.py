@@ -28,12 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from convergence import machine_description, update_section   # noqa: E402
-from minidetr.draw import read_log                               # noqa: E402
+from common import ROOT, evaluations, fmt_spread, machine_description, update_section
 
 OUT = ROOT / "benchmarks" / "runs" / "finetune"
 SHARED, NEW = ("circle", "square", "triangle"), ("star", "hexagon", "pentagon")
@@ -51,15 +46,10 @@ def second_dataset():
     return make_shapes_dataset(os.path.join(default_shapes_root(), "finetune_n1000_v200"), **DATA)
 
 
-def rows(log):
-    """log.txt -> its evaluation rows (draw.read_log, the project's one log reader)."""
-    return [r for r in read_log(log) if "test_coco_eval_bbox" in r] if log.exists() else []
-
-
 def run(name, argv, steps, threads=1):
     """train.py argv into OUT/name, resumed if it stopped early; skipped if done."""
     folder = OUT / name
-    done = rows(folder / "log.txt")
+    done = evaluations(folder / "log.txt")
     if done and done[-1]["step"] >= steps:
         return name
     resume = ["--resume", str(folder / "checkpoint.pth")] if (folder / "checkpoint.pth").exists() else []
@@ -128,7 +118,7 @@ def curves(paths_categories):
     out = {}
     for arm in ARMS:
         for seed in SEEDS:
-            found = rows(OUT / f"{arm.replace(' ', '_')}_seed{seed}" / "log.txt")
+            found = evaluations(OUT / f"{arm.replace(' ', '_')}_seed{seed}" / "log.txt")
             start = zero.get(f"{arm}|{seed}")
             if start:   # the evaluation before the first step (step0)
                 found = [{"step": 0, "test_coco_eval_bbox": start["stats"],
@@ -140,11 +130,9 @@ def curves(paths_categories):
 
 
 def spread(values):
+    """fmt_spread over the seeds evaluated at that step ('–' where none was)."""
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else f"{mean:.3f}"
+    return fmt_spread(values) if values else "–"
 
 
 def at(curve, step, column):

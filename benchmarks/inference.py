@@ -27,20 +27,17 @@ while other jobs may share the cores. The section "Inference" of RESULTS.md is r
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.py (helpers)
-from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
-import eval as eval_script                                         # noqa: E402
-from minidetr import Config, build, export, predict               # noqa: E402
-from minidetr.checkpoint import save_atomic                       # noqa: E402
+from common import ROOT, cpu_model, update_section   # first: it puts ROOT (eval.py, minidetr) on sys.path
+import eval as eval_script
+from minidetr import Config, build, export, predict
+from minidetr.checkpoint import save_atomic
 
 SETTINGS = {"tiny": dict(images=64, batch_size=8), "paper": dict(images=8, batch_size=2)}
 

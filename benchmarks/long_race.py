@@ -48,7 +48,6 @@ import fcntl
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,12 +55,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from convergence import (curve_at, fmt_spread, machine_description, read_curve, run_one, settings,   # noqa: E402
-                         save_ap_plot, settings_diff, steps_to_reach, update_section, value_at)
+# shared with the other benchmark scripts (run_one runs convergence.py's train.py runs too)
+from common import (ROOT, archive, curve_at, fmt_spread, machine_description, pyplot, read_curve, run_one,
+                    save_ap_plot, settings, settings_diff, steps_to_reach, update_section, value_at)
 
 # name -> the variant's flags; queries are set by QUERIES
 RUNS = {
@@ -93,7 +89,7 @@ PAPER = {
     "dab": "no DAB-vs-DETR figure here",
     "conditional_dn": "0.5 of Conditional DETR's (DN-DETR's claim for the model it is added to)",
 }
-ARCHIVE = ROOT / "benchmarks" / "long_race_logs"
+ARCHIVE = ROOT / "benchmarks" / "long_race_logs"   # every finished chunk's log, committed (common.archive)
 # The official code's runs (--official, seeds --official_seeds), through the reference-training
 # harness (benchmarks/official.py says what it is), at the race's configuration: the tiny
 # preset's sizes (official.COMMON) with the race's stage, queries and constant lr.
@@ -103,14 +99,14 @@ OFFICIAL = {"detr": ("detr", []), "conditional": ("cond", ["--num_select", str(Q
 
 # ---- the convergence rule and the schedule (pure functions; tests/test_benchmarks.py) ----
 
-def mean_curve(curves, upto):
+def mean_at_shared_steps(curves, upto):
     """Mean AP over seeds at every step <= upto that every seed has evaluated: (steps, APs).
 
-    (convergence.mean_curve takes every step any seed has, extending the shorter curves flat:
-    right for finished runs of one budget, wrong for runs still under way.)"""
-    common = sorted(set.intersection(*[{r[0] for r in c if r[0] <= upto} for c in curves]))
-    return common, [sum(curve_at(c, s) for c in curves) / len(curves)
-                    for s in common]
+    (convergence.mean_at_any_step takes every step any seed has, extending the shorter curves
+    flat: right for finished runs of one budget, wrong for runs still under way.)"""
+    shared = sorted(set.intersection(*[{r[0] for r in c if r[0] <= upto} for c in curves]))
+    return shared, [sum(curve_at(c, s) for c in curves) / len(curves)
+                    for s in shared]
 
 
 def converged_step(steps, aps, chunk, min_steps, gain=CONVERGED_GAIN):
@@ -171,18 +167,6 @@ def official_argv(name, seed, folder, steps, args, done=0):
     return argv + ["--seed", str(seed)]
 
 
-def official_curve(path):
-    """An official log.txt (one JSON line per epoch) as [(step, AP, AP50, AP75)]."""
-    rows = {}
-    if Path(path).exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                ap = row["test_coco_eval_bbox"]
-                rows[(int(row["epoch"]) + 1) * STEPS_PER_EPOCH] = (ap[0], ap[1], ap[2])
-    return [(step, *rows[step]) for step in sorted(rows)]
-
-
 def official_seeds(out, name):
     """The seeds of the official runs of `name` that have a log, in the run folders or the
     archive: the report shows every one of them, whichever command started it."""
@@ -192,24 +176,13 @@ def official_seeds(out, name):
 
 
 def curve_of(out, name, seed):
-    """A run's curve: from its folder, or from the archived log of a finished run."""
-    if name.startswith("official_"):
-        here = official_curve(out / f"{name}_seed{seed}" / "log.txt")
-        archived = official_curve(ARCHIVE / f"{name}_seed{seed}.txt")
-        return here if len(here) >= len(archived) else archived
-    folder = out / f"{name}_seed{seed}"
-    here, archived = read_curve(folder / "log.txt"), read_curve(ARCHIVE / f"{name}_seed{seed}.txt")
+    """A run's curve: from its folder, or from the archived log of a finished run (the longer).
+
+    The official code's log counts epochs, not steps: epoch e ends at step (e + 1) * STEPS_PER_EPOCH."""
+    per_epoch = STEPS_PER_EPOCH if name.startswith("official_") else None
+    here = read_curve(out / f"{name}_seed{seed}" / "log.txt", per_epoch)
+    archived = read_curve(ARCHIVE / f"{name}_seed{seed}.txt", per_epoch)
     return here if len(here) >= len(archived) else archived
-
-
-def archive(out, name, seed):
-    """Copy a run's log.txt (official ones too) to ARCHIVE, committed with the results, so
-    the race's curves survive the run folders (checkpoints are not committed)."""
-    log, kept = out / f"{name}_seed{seed}" / "log.txt", ARCHIVE / f"{name}_seed{seed}.txt"
-    lines = lambda path: len(path.read_text().splitlines()) if path.exists() else 0   # noqa: E731
-    if log.exists() and lines(log) >= lines(kept):     # a run started again never shortens it
-        ARCHIVE.mkdir(exist_ok=True)
-        shutil.copyfile(log, ARCHIVE / f"{name}_seed{seed}.txt")
 
 
 # ---- the report ----
@@ -221,32 +194,32 @@ def detr_state(curves, seeds, chunk, min_steps):
     if len(base) < len(seeds):
         return None, None, 0
     frontier = min(c[-1][0] for c in base)
-    steps, aps = mean_curve(base, frontier)
+    steps, aps = mean_at_shared_steps(base, frontier)
     n_star = converged_step(steps, aps, chunk, min_steps)
     if not steps:
         return None, None, frontier
     return n_star, (aps[steps.index(n_star)] if n_star else aps[-1]), frontier
 
 
-def shared_mean(curves):
-    """mean_curve up to the step every one of these curves has reached; ([], []) while a
-    curve is missing or empty."""
+def mean_so_far(curves):
+    """mean_at_shared_steps up to the step every one of these curves has reached; ([], [])
+    while a curve is missing or empty."""
     if not curves or not all(curves):
         return [], []
-    return mean_curve(curves, min(c[-1][0] for c in curves))
+    return mean_at_shared_steps(curves, min(c[-1][0] for c in curves))
 
 
 def passed_at(curves, target):
     """The step at which the mean over these curves first reaches `target` (interpolated,
     up to the step every curve has reached), or None: the rule that ends a variant's run."""
-    steps, aps = shared_mean(curves)
+    steps, aps = mean_so_far(curves)
     return steps_to_reach(steps, aps, target) if steps and target is not None else None
 
 
 def ap_now(curves):
     """A variant's mean AP over its seeds at the last step all of them have evaluated (0 before
     that): the --order nearest schedule runs the variant with the highest first."""
-    aps = shared_mean(curves)[1]
+    aps = mean_so_far(curves)[1]
     return aps[-1] if aps else 0.0
 
 
@@ -274,7 +247,7 @@ def official_alone(official, ours, chunk, min_steps):
     if target is None:
         return []
     horizon = n_star or frontier
-    steps, aps = mean_curve(list(detr.values()), horizon)
+    steps, aps = mean_at_shared_steps(list(detr.values()), horizon)
     quarter = curve_at(list(zip(steps, aps)), 0.75 * horizon)
     gain = f"{target / quarter - 1:+.1%} over its last quarter" if quarter > 0 else "no AP at its last quarter"
     seeds = " ".join(map(str, sorted(detr)))
@@ -349,7 +322,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
         lines.append("**Partial: no DETR curve yet.**")
     horizon = n_star or frontier
     # DETR's mean curve, to read any AP as "the step at which DETR had it" (the last column but one)
-    detr_curve = mean_curve(list(curves[BASELINE].values()), horizon) if horizon else ([], [])
+    detr_curve = mean_at_shared_steps(list(curves[BASELINE].values()), horizon) if horizon else ([], [])
     lines += ["", f"| variant | seeds (steps run) | steps to reach DETR's AP | fraction of DETR's {horizon} | "
               "AP where it stopped | AP50 where it stopped | DETR's steps to that AP (fraction) | "
               "the paper's fraction |", "|---|---|---|---|---|---|---|---|"]
@@ -422,7 +395,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
 
 def mean_band(runs):
     """{seed: curve} -> (steps, mean AP, min AP, max AP) up to the step every seed has reached."""
-    steps, mean = mean_curve(list(runs.values()), min(c[-1][0] for c in runs.values()))
+    steps, mean = mean_so_far(list(runs.values()))
     per = [[curve_at(c, s) for s in steps] for c in runs.values()]
     return steps, mean, [min(v) for v in zip(*per)], [max(v) for v in zip(*per)]
 
@@ -431,11 +404,8 @@ def plot(curves, out_png, official=None, detr_ap=None):
     """AP against step on a log x axis: mean per variant with min-max bands; official dashed
     (mean over its seeds, with a lighter band);
     DETR's converged AP (the finishing line) as a grey line."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, runs in curves.items():
@@ -560,7 +530,8 @@ def main(argv=None):
     def train_official(name, seed, folder, target):
         folder.mkdir(parents=True, exist_ok=True)
         # without a checkpoint (a new machine, an archived log only) it starts again from 0
-        done = (official_curve(folder / "log.txt") or [(0,)])[-1][0] if (folder / "checkpoint.pth").exists() else 0
+        done = ((read_curve(folder / "log.txt", STEPS_PER_EPOCH) or [(0,)])[-1][0]
+                if (folder / "checkpoint.pth").exists() else 0)
         argv_run = official_argv(name, seed, folder, target - done, args, done)
         (folder / "command.txt").write_text(shlex.join(argv_run) + "\n")
         meta_path, start = folder / "benchmark.json", time.time()
@@ -619,10 +590,11 @@ def main(argv=None):
             finished, _ = cf.wait(running.values(), return_when=cf.FIRST_COMPLETED)
             for key in [k for k, f in running.items() if f in finished]:
                 rc = running.pop(key).result()
-                archive(args.out, *key)
+                run = f"{key[0]}_seed{key[1]}"   # its log kept with the results (official ones too)
+                archive(args.out / run / "log.txt", ARCHIVE / f"{run}.txt")
                 if rc != 0:
-                    raise SystemExit(f"{key[0]}_seed{key[1]} failed (exit status {rc}); see "
-                                     f"the output in {args.out / f'{key[0]}_seed{key[1]}'}. "
+                    raise SystemExit(f"{run} failed (exit status {rc}); see "
+                                     f"the output in {args.out / run}. "
                                      "Rerun the same command to resume.")
             race["wall_s"] += time.time() - started
             started = time.time()

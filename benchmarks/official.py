@@ -37,20 +37,14 @@ again. Results: RESULTS.md, section "Against the
 official code", and official.png.
 """
 import argparse
-import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from convergence import fmt_spread, machine_description, update_section   # noqa: E402
+from common import ROOT, archive, evaluations, fmt_spread, machine_description, pyplot, update_section
 
 EPOCHS = 5
 COMMON = ("--scratch --transforms tiny --size 128 --num_classes 7 --hidden_dim 128 --nheads 8 "
@@ -83,26 +77,19 @@ def log_of(folder):
     return archived if archived.exists() else Path(folder) / "log.txt"
 
 
-def archive(folder):
-    ARCHIVE.mkdir(exist_ok=True)
-    shutil.copyfile(Path(folder) / "log.txt", ARCHIVE / f"{Path(folder).name}.txt")
-
-
-def read_log(path):
+def per_epoch(path):
     """log.txt (minidetr's or the official one: one JSON line per evaluated epoch) ->
-    {epoch: (train_loss, AP, AP50)}."""
+    {epoch: (train_loss, AP, AP50)}: both sides log epochs, and the table compares them epoch
+    by epoch (the official log has no step)."""
     rows = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                ap = row["test_coco_eval_bbox"]
-                rows[int(row["epoch"])] = (row["train_loss"], ap[0], ap[1])
+    for row in evaluations(path):
+        ap = row["test_coco_eval_bbox"]
+        rows[int(row["epoch"])] = (row["train_loss"], ap[0], ap[1])
     return rows
 
 
 def is_complete(folder):
-    return (EPOCHS - 1) in read_log(log_of(folder))
+    return (EPOCHS - 1) in per_epoch(log_of(folder))
 
 
 def command(side, variant, seed, folder, args):
@@ -174,9 +161,9 @@ def run_all(args):
             proc, folder, start = item
             if proc.poll() is not None:
                 running.remove(item)
-                done = (EPOCHS - 1) in read_log(Path(folder) / "log.txt")
+                done = (EPOCHS - 1) in per_epoch(Path(folder) / "log.txt")
                 if done:
-                    archive(folder)
+                    archive(Path(folder) / "log.txt", ARCHIVE / f"{Path(folder).name}.txt")
                 state = "done" if done else f"FAILED (exit {proc.returncode})"
                 print(f"[official.py] {folder.name}: {state} in {(time.time() - start) / 60:.1f} min",
                       flush=True)
@@ -188,7 +175,7 @@ def collect(args):
     found = {}
     for variant in args.variants:
         for side in SIDES:
-            logs = [read_log(log_of(run_dir(args.runs, side, variant, s))) for s in args.seeds]
+            logs = [per_epoch(log_of(run_dir(args.runs, side, variant, s))) for s in args.seeds]
             found[(variant, side)] = [log for log in logs if (EPOCHS - 1) in log]
     return found
 
@@ -233,11 +220,8 @@ def render(found, args):
 
 
 def plot(found, args, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, len(args.variants), figsize=(4 * len(args.variants), 3.4), squeeze=False)
@@ -268,7 +252,7 @@ def render_controls(runs):
     names = {f.name for f in Path(runs).glob("control_*")} | {f.stem for f in ARCHIVE.glob("control_*")}
     for name in sorted(names):
         folder = Path(runs) / name
-        log = read_log(log_of(folder))
+        log = per_epoch(log_of(folder))
         if (EPOCHS - 1) not in log:
             continue
         loss = " ".join(f"{log[e][0]:.2f}" for e in range(EPOCHS))

@@ -49,14 +49,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))          # convergence.py (helpers)
-from convergence import ROOT, cpu_model, update_section           # noqa: E402  (ROOT on sys.path)
-from minidetr import Config, build                                # noqa: E402
-from minidetr.engine import LossMeter                  # noqa: E402
-from minidetr.optim import build_optimizer               # noqa: E402
-from train import train_step      # noqa: E402  the training step itself, as train.py's loop runs it
-from minidetr.evaluation import autocast                          # noqa: E402
-from minidetr.losses import total_loss                            # noqa: E402
+from common import ROOT, cpu_model, update_section, usable_cores   # first: it puts ROOT on sys.path
+from minidetr import Config, build
+from minidetr.engine import LossMeter
+from minidetr.optim import build_optimizer
+from train import train_step      # the training step itself, as train.py's loop runs it
+from minidetr.evaluation import autocast
+from minidetr.losses import total_loss
 
 VARIANTS = ("detr", "conditional", "smca", "dn")
 OBJECTS = {"tiny": 4, "paper": 7}
@@ -229,7 +228,7 @@ def describe_machine(device):
     """(the machine's name for grouping results, a longer description)."""
     device = torch.device(device)
     threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return name, (f"{name} (CUDA {torch.version.cuda}), host {cpu_model()} {cores} cores, "
@@ -248,7 +247,7 @@ def worker(spec):
     peak = peak_tflops(machine, spec["amp"]) if result["device"] == "cuda" else None
     result.update(machine=machine, machine_description=description, peak_tflops=peak,
                   threads=torch.get_num_threads(), torch=torch.__version__, load=f"{os.getloadavg()[0]:.1f}",
-                  cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                  cores=usable_cores(),
                   date=datetime.date.today().isoformat(), command=spec["command"])
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -40,10 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from convergence import machine_description, update_section  # noqa: E402
-from official import COMMON, OFFICIAL_FLAGS, coco_layout      # noqa: E402
+from common import ROOT, machine_description, update_section
+from official import COMMON, OFFICIAL_FLAGS, coco_layout
 
 # the paper model on both sides: minidetr's tiny preset (for its augmentation) overridden to it
 PAPER_MINIDETR = ("--backbone resnet50 --backbone_stage layer4 --frozen_bn --freeze_stem --hidden_dim 256 "

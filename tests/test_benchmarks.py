@@ -1,4 +1,5 @@
-"""benchmarks/: the pure helpers of convergence.py and speed.py, against hand-worked numbers.
+"""benchmarks/: the pure helpers of common.py, convergence.py, speed.py and long_race.py, against
+hand-worked numbers.
 
 Smoke-level on purpose: the scripts themselves run train.py and time models (minutes);
 here only the bookkeeping that turns logs into the reported numbers is checked.
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import common  # noqa: E402
 import convergence  # noqa: E402
 import speed  # noqa: E402
 
@@ -21,11 +23,11 @@ def test_update_section_replaces_only_its_block(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# title\n\nintro\n\n<!-- a:start -->\nold a\n<!-- a:end -->\n\n"
                     "<!-- b:start -->\nkeep b\n<!-- b:end -->\ntail\n")
-    convergence.update_section(path, "a", "new a")
+    common.update_section(path, "a", "new a")
     assert path.read_text() == ("# title\n\nintro\n\n<!-- a:start -->\nnew a\n<!-- a:end -->\n\n"
                                 "<!-- b:start -->\nkeep b\n<!-- b:end -->\ntail\n")
-    convergence.update_section(path, "c", "c body")          # absent: appended once
-    convergence.update_section(path, "c", "c body 2")
+    common.update_section(path, "c", "c body")          # absent: appended once
+    common.update_section(path, "c", "c body 2")
     text = path.read_text()
     assert text.count("<!-- c:start -->") == 1 and text.endswith("<!-- c:start -->\nc body 2\n<!-- c:end -->\n")
 
@@ -33,19 +35,19 @@ def test_update_section_replaces_only_its_block(tmp_path):
 def test_interpolation_from_the_origin():
     """value_at interpolates (0, 0), (10, .1), (20, .3), (40, .2) linearly."""
     steps, ap = [10, 20, 40], [0.1, 0.3, 0.2]
-    assert convergence.value_at(steps, ap, 5) == pytest.approx(0.05)
-    assert convergence.value_at(steps, ap, 20) == pytest.approx(0.3)
-    assert convergence.value_at(steps, ap, 30) == pytest.approx(0.25)
-    assert convergence.value_at(steps, ap, 50) == pytest.approx(0.2)
+    assert common.value_at(steps, ap, 5) == pytest.approx(0.05)
+    assert common.value_at(steps, ap, 20) == pytest.approx(0.3)
+    assert common.value_at(steps, ap, 30) == pytest.approx(0.25)
+    assert common.value_at(steps, ap, 50) == pytest.approx(0.2)
 
 
 def test_steps_to_reach_first_crossing():
     """The first crossing: 0.2 is reached at 10 + 10 * (0.2 - 0.1) / (0.3 - 0.1) = 15."""
     steps, ap = [10, 20, 40], [0.1, 0.3, 0.2]
-    assert convergence.steps_to_reach(steps, ap, 0.2) == pytest.approx(15)
-    assert convergence.steps_to_reach(steps, ap, 0.05) == pytest.approx(5)
-    assert convergence.steps_to_reach(steps, ap, 0.3) == pytest.approx(20)
-    assert convergence.steps_to_reach(steps, ap, 0.31) is None
+    assert common.steps_to_reach(steps, ap, 0.2) == pytest.approx(15)
+    assert common.steps_to_reach(steps, ap, 0.05) == pytest.approx(5)
+    assert common.steps_to_reach(steps, ap, 0.3) == pytest.approx(20)
+    assert common.steps_to_reach(steps, ap, 0.31) is None
 
 
 def test_reach_cells_against_the_baseline():
@@ -75,7 +77,7 @@ def test_run_state_from_log_checkpoint_and_settings(tmp_path):
     """complete when the log reaches the budget, resume with a checkpoint, other settings refused."""
     row = {"test_coco_eval_bbox": [0.1, 0.2, 0.05] + [0] * 9, "step": 5, "epoch": 0}
     (tmp_path / "log.txt").write_text(json.dumps(row) + "\n" + json.dumps({**row, "step": 10}) + "\n")
-    assert convergence.read_curve(tmp_path / "log.txt") == [(5, 0.1, 0.2, 0.05), (10, 0.1, 0.2, 0.05)]
+    assert common.read_curve(tmp_path / "log.txt") == [(5, 0.1, 0.2, 0.05), (10, 0.1, 0.2, 0.05)]
     assert convergence.run_state(tmp_path, 10) == "complete"
     assert convergence.run_state(tmp_path, 12) == "fresh"
     (tmp_path / "checkpoint.pth").write_bytes(b"")
@@ -85,9 +87,9 @@ def test_run_state_from_log_checkpoint_and_settings(tmp_path):
     assert convergence.run_state(tmp_path, 10, saved) == "complete"
     retuned = {"train_argv": ["--seed", "0"], "config": {"seed": 0, "lr": 2e-4}}
     assert convergence.run_state(tmp_path, 10, retuned) == "other settings"
-    assert convergence.settings_diff(tmp_path, retuned) == ["lr"]
+    assert common.settings_diff(tmp_path, retuned) == ["lr"]
     other_seed = {"train_argv": ["--seed", "1"], "config": {"seed": 1, "lr": 1e-4}}
-    assert convergence.settings_diff(tmp_path, other_seed) == ["train.py arguments", "seed"]
+    assert common.settings_diff(tmp_path, other_seed) == ["train.py arguments", "seed"]
 
 
 def test_peak_table_lookup():
@@ -175,9 +177,9 @@ def test_long_race_mean_curve_uses_steps_every_seed_has():
     """Seeds evaluated at (250, 500) and (250, 500, 750): the mean stops at 500."""
     a = [(250, 0.1, 0, 0), (500, 0.3, 0, 0)]
     b = [(250, 0.2, 0, 0), (500, 0.1, 0, 0), (750, 0.4, 0, 0)]
-    steps, ap = long_race.mean_curve([a, b], upto=10**6)
+    steps, ap = long_race.mean_at_shared_steps([a, b], upto=10**6)
     assert steps == [250, 500] and ap == pytest.approx([0.15, 0.2])
-    assert long_race.mean_curve([a, b], upto=250) == ([250], [pytest.approx(0.15)])
+    assert long_race.mean_at_shared_steps([a, b], upto=250) == ([250], [pytest.approx(0.15)])
 
 
 def test_long_race_target_is_the_next_check_point_past_detr():
@@ -196,7 +198,7 @@ def test_long_race_settings_ignore_the_budget_and_folder(tmp_path):
     folder = tmp_path / "detr_seed0"
     folder.mkdir()
     argv = long_race.train_argv("detr", 0, folder, 1000)
-    (folder / "benchmark.json").write_text(json.dumps(convergence.settings(argv)))
+    (folder / "benchmark.json").write_text(json.dumps(common.settings(argv)))
     assert long_race.other_settings(folder, long_race.train_argv("detr", 0, tmp_path / "x", 5000)) == []
     diff = long_race.other_settings(folder, long_race.train_argv("detr", 1, folder, 1000))
     assert diff == ["train.py arguments", "seed"]
@@ -205,22 +207,22 @@ def test_long_race_settings_ignore_the_budget_and_folder(tmp_path):
     assert cond[cond.index("--num_queries") + 1] == "30"
 
 
-def test_long_race_official_log_steps_and_archive(tmp_path, monkeypatch):
+def test_long_race_official_log_steps_and_archive(tmp_path):
     """The official log has one line per epoch: epoch e ends at step (e + 1) * 250. A run's
     archived log is replaced by a longer log, never by a shorter one (a run started again)."""
     official_log = tmp_path / "log.txt"
     official_log.write_text("\n".join(json.dumps({"epoch": e, "test_coco_eval_bbox": [0.1 * e, 0.2, 0.3] + [0] * 9})
                                       for e in (0, 1, 3)) + "\n")
-    assert long_race.official_curve(official_log) == [(250, 0.0, 0.2, 0.3), (500, 0.1, 0.2, 0.3),
-                                                      (1000, pytest.approx(0.3), 0.2, 0.3)]
-    monkeypatch.setattr(long_race, "ARCHIVE", tmp_path / "archive")
+    assert common.read_curve(official_log, steps_per_epoch=250) == [
+        (250, 0.0, 0.2, 0.3), (500, 0.1, 0.2, 0.3), (1000, pytest.approx(0.3), 0.2, 0.3)]
     run = tmp_path / "runs" / "detr_seed0"
     run.mkdir(parents=True)
+    kept = tmp_path / "archive" / "detr_seed0.txt"
     (run / "log.txt").write_text("a\nb\n")
-    long_race.archive(tmp_path / "runs", "detr", 0)
+    common.archive(run / "log.txt", kept)
     (run / "log.txt").write_text("a\n")
-    long_race.archive(tmp_path / "runs", "detr", 0)
-    assert (tmp_path / "archive" / "detr_seed0.txt").read_text() == "a\nb\n"
+    common.archive(run / "log.txt", kept)
+    assert kept.read_text() == "a\nb\n"
 
 
 def test_long_race_official_resume_draws_new_data_orders(tmp_path, monkeypatch):
