@@ -23,9 +23,10 @@ import sys
 import torch
 
 from minidetr import convert, predict
+from minidetr.check import build_datasets
 from minidetr.checkpoint import WriteError, cannot_write
+from minidetr.data import fit_num_classes, make_loader
 from minidetr.evaluation import STAT_NAMES, evaluate
-from minidetr.engine import build_datasets, fit_num_classes, make_loader
 
 
 def get_args_parser():
@@ -92,7 +93,7 @@ def predict_images(args, loaded, device):
 def draw_attention(args, loaded, device):
     """--image FILE --attention: the top detections' cross-attention maps, one panel per head."""
     from minidetr import draw as drawing
-    from minidetr.check import open_rgb
+    from minidetr.data import open_rgb
     image = open_rgb(args.image, "--image")
     tensor = predict.image_tensor(image, predict.eval_transform(loaded.cfg))[None].to(device)
     mask = torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool, device=device)

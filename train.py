@@ -31,13 +31,13 @@ import traceback
 import torch
 
 from minidetr import build, distributed, finetune
-from minidetr.checkpoint import append_line
+from minidetr.check import build_datasets
+from minidetr.checkpoint import (append_line, checkpoint_write_failed, load_training_state, load_weights,
+                                 read_resume)
 from minidetr.config import add_arguments, config_from_args
 from minidetr.convert import read_any_checkpoint
-from minidetr.data import move_targets
-from minidetr.engine import (DataError, LossMeter, TimeLimit, TrainingProgress, build_datasets,
-                             checkpoint_write_failed, fit_num_classes, load_training_state,
-                             load_weights, make_loader, read_resume)
+from minidetr.data import DataError, fit_num_classes, make_loader, move_targets
+from minidetr.engine import LossMeter, TimeLimit, TrainingProgress
 from minidetr.evaluation import autocast, evaluate, format_stats
 from minidetr.instability import InstabilityLog
 from minidetr.losses import total_loss

@@ -28,7 +28,10 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))   # after PYTHONPAT
 from minidetr import build                                      # noqa: E402
 from minidetr.config import Config                              # noqa: E402
 from minidetr.convert import rename                             # noqa: E402
-from minidetr.engine import build_datasets                      # noqa: E402
+try:                                                            # this checkout's home of it
+    from minidetr.check import build_datasets                   # noqa: E402
+except ImportError:                                             # an older minidetr's
+    from minidetr.engine import build_datasets                  # noqa: E402
 
 OFFICIAL_NAME = {"detr": "detr", "conditional": "cond", "smca": "smca", "dn": "dn"}
 GROUPS = {

@@ -4,7 +4,8 @@ People bring their own COCO json (exports from labelling tools, converted VOC or
 sets), and that is where runs go wrong: one dies an epoch in, another trains happily on
 wrong targets. This module reads each json once and lists every defect it finds, so that
 all of them can be fixed in one go. train.py and eval.py run the same checks (all but the
-pixel decoding) on every split they use before a model is built (check_before_training).
+pixel decoding) on every split they use before a model is built: their datasets are built
+through this module's door (build_datasets), which checks every split, then builds it.
 
     python -m minidetr.check --train_json train.json --train_images imgs/train \
         [--val_json val.json --val_images imgs/val] [--images]
@@ -29,11 +30,18 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from tqdm import tqdm
+
+from minidetr import distributed
+from minidetr.categories import Categories
+# what training does with an image file, a box and a split's files is the data's (check.py
+# counts with the same functions, so that it reports exactly what training would do)
+from minidetr.data import CocoDetection, box_fate, dataset_files, make_transforms, open_rgb, split_files
 
 ERROR, WARNING = "error", "warning"
 SECTIONS = ("images", "annotations", "categories")
@@ -105,64 +113,6 @@ def _progress(items, desc, show, total=None):
 
 
 # ---- what training does with one image file (data.py and eval.py's drawing read with this) ----
-
-def open_rgb(path, what):
-    """Decode an image fully now (so truncation shows here) and convert it to RGB.
-
-    what: how the errors name the image ('image id 7', '--image'). PIL reports a file it
-    cannot decode as OSError, SyntaxError or ValueError by format; all become one OSError.
-    (PIL is imported here, not above: checking a json without --images decodes nothing.)
-    """
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode == 'P' and 'transparency' in image.info:
-                image = image.convert('RGBA')  # PIL's advice for palette + transparency
-            if image.mode.startswith('I') or image.mode == 'F':
-                image = _grey_to_8_bits(image)
-            return image.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
-        raise OSError(f"{what}: cannot read {path}: {e}") from e
-
-
-def _grey_to_8_bits(image):
-    """A 16-bit grey image (PIL mode I;16*, or I from older Pillows' PNGs) -> mode L.
-
-    PIL's convert('RGB') clips these at 255: a 16-bit image comes out nearly all white, and
-    a model would train on it without a word. The type's range 0..65535 maps onto 0..255
-    instead. Values outside it (32-bit integer or float pixels) have no range to map from.
-    """
-    import numpy as np
-    from PIL import Image
-    pixels = np.asarray(image)
-    if image.mode == 'F' or pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-        raise ValueError(f"{image.mode} pixels ({pixels.dtype}, {pixels.min()}..{pixels.max()}) have "
-                         f"no fixed range to map onto 8 bits; save the image as 8- or 16-bit")
-    return Image.fromarray(np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8), 'L')
-
-
-# ---- what training does with one box (data.py builds its targets with this too) ----
-
-def box_fate(bbox, width, height, iscrowd=0):
-    """One json box [x, y, w, h] (pixels) of a width x height image -> (kind, box_xyxy).
-
-    kind None: kept as is; 'clipped': kept, clipped to the image; 'iscrowd', 'w or h <= 0',
-    'wholly outside': dropped (box None). DETR drops crowd regions and empty boxes.
-    """
-    x, y, w, h = bbox
-    if iscrowd:
-        return "iscrowd", None
-    if w <= 0 or h <= 0:
-        return "w or h <= 0", None
-    box = [min(max(x, 0), width), min(max(y, 0), height),
-           min(max(x + w, 0), width), min(max(y + h, 0), height)]
-    if box[2] <= box[0] or box[3] <= box[1]:
-        return "wholly outside", None
-    return (None if box == [x, y, x + w, y + h] else "clipped"), box
-
 
 def _box_message(kind, bbox, width, height):
     """What box_fate found, and how far a box reaches out of or lies beyond the image."""
@@ -477,6 +427,58 @@ def check_before_training(files, verbose=True):
     return data
 
 
+# ---- the door: datasets built only from checked json ----
+
+def build_datasets(cfg, categories=None):
+    """(train, val) datasets of a run: COCO, a custom COCO-format pair, or the built-in shapes.
+
+    train is None with cfg.eval. Every split is checked before any is built: DatasetError
+    lists every defect that would stop or corrupt the run, and what training skips is named
+    once. The class count they need is checked by data.fit_num_classes. Both splits share
+    one category table (minidetr/categories.py): `categories` (a checkpoint's, when
+    evaluating it) or the union of their json lists.
+    """
+    files = dataset_files(cfg, ("val",) if cfg.eval else ("train", "val"))
+    data = check_before_training(files, verbose=distributed.is_main_process())
+    categories = categories or Categories.from_datasets(*(data[s]["categories"] for s in files))
+    for s in files:
+        unknown = [c["id"] for c in data[s]["categories"] if c["id"] not in categories.label_of]
+        if unknown:
+            raise ValueError(f"{files[s][0]} lists category id {unknown[0]!r}, which the model's "
+                             f"class head has no row for (it knows {len(categories.names)} categories)")
+    if categories.remapped and distributed.is_main_process():
+        largest = max(categories.label_of, key=lambda i: (isinstance(i, str), i))
+        print(f"categories: {len(categories.names)} ids up to {largest!r}: the class head gets rows "
+              f"0..{categories.num_classes - 1} in id order, mapped back to the ids in every result")
+    built = {s: CocoDetection(folder, json_file, data[s], make_transforms(s, cfg.preset, cfg.image_size),
+                              categories=categories)
+             for s, (json_file, folder) in files.items()}
+    return built.get("train"), built["val"]
+
+
+def load_dataset(img_folder, ann_file, transforms=None, categories=None):
+    """One json and its images as a CocoDetection, the json checked first (not the images).
+
+    Any error raises DatasetError (a ValueError) naming the file and the ids; what training
+    skips is named in one warning.
+    """
+    data, findings = check_split(str(ann_file))
+    errors = [f for f in findings if f.severity == ERROR]
+    if errors:
+        raise DatasetError(errors)
+    line = warning_line(findings, str(ann_file))
+    if line:
+        warnings.warn(line, stacklevel=2)
+    return CocoDetection(img_folder, ann_file, data, transforms, categories)
+
+
+def build_dataset(split, *, coco_path=None, json_file=None, image_folder=None,
+                  preset='tiny', image_size=128):
+    """COCO (coco_path, official layout) or a custom json + image folder, for `split`."""
+    json_file, image_folder = split_files(split, coco_path, json_file, image_folder)
+    return load_dataset(image_folder, json_file, make_transforms(split, preset, image_size))
+
+
 # ---- reporting ----
 
 def format_findings(findings, examples=5):
@@ -525,24 +527,6 @@ def report(files, data, findings, examples=5):
 
 
 # ---- command line ----
-
-def split_files(split, coco_path=None, json_file=None, image_folder=None):
-    """(json_file, image_folder) of `split`: COCO 2017's layout under coco_path, or as given."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if coco_path is not None:
-        image_folder = os.path.join(coco_path, f"{split}2017")
-        json_file = os.path.join(coco_path, "annotations", f"instances_{split}2017.json")
-        for needed in (coco_path, image_folder, json_file):
-            if not os.path.exists(needed):
-                raise FileNotFoundError(f"COCO layout: {needed} is missing (expected "
-                                        f"train2017/, val2017/, annotations/instances_*.json)")
-    elif json_file is None or image_folder is None:
-        # no silent fallback to the shapes: a missing val path must not train on shapes
-        raise ValueError(f"{split} split: give coco_path, or json_file and image_folder together "
-                         f"(got json_file={json_file!r}, image_folder={image_folder!r})")
-    return json_file, image_folder
-
 
 def main(argv=None):
     """Check the splits given; print the report; return the exit status (1 on errors)."""

@@ -1,4 +1,4 @@
-"""Saving and loading checkpoints: atomic writes, safe loads, RNG state.
+"""Saving and loading checkpoints: atomic writes, safe loads, RNG state, resuming.
 
 A run that dies while writing must never leave a corrupt `checkpoint.pth`, so every file is
 written to a temporary name in the same folder, flushed to disk, then renamed over the old
@@ -8,6 +8,9 @@ turns into the one line a user sees: the file, what it needed, that the old one 
 `torch.load(..., weights_only=True)`, which unpickles only tensors and plain containers:
 a checkpoint cannot run code on the loading machine. The official DETR-family checkpoints
 store their settings as an `argparse.Namespace`; that one class is allowed, nothing else.
+A run's --resume is read and checked against the run's settings here (read_resume) before
+anything is built, then its weights and training state go back in (load_weights,
+load_training_state); engine.TrainingProgress.save writes what they read.
 """
 import argparse
 import errno
@@ -21,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from minidetr import distributed
 from minidetr.categories import for_checkpoint
 from minidetr.config import Config
 
@@ -271,3 +275,94 @@ def set_rng_state(state):
 def _tuplify(x):
     """random.setstate wants nested tuples; a round trip through a checkpoint may give lists."""
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---- resuming: what a run saved, checked against this run before anything is built ----
+
+# settings that decide the model's weights and what they mean: a checkpoint cannot continue
+# under others (num_classes is checked once the dataset has set it)
+MODEL_KEYS = ("variant", "preset", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim",
+              "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
+              "smca_scale", "smca_multiscale")
+
+
+def read_resume(path, cfg):
+    """Load --resume and check it fits this run's model; ValueError says what to do if not.
+
+    Runs before the dataset and the model are built, so a wrong file stops the run at once.
+    """
+    ckpt = load_safely(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
+    if is_official_checkpoint(ckpt):   # its weights have the reference's names, not ours
+        raise ValueError(f"{path} is an official DETR-family checkpoint; convert it first: python -m "
+                         f"minidetr.convert --variant {cfg.variant} --src {path} --dst converted.pth, "
+                         f"then --resume converted.pth")
+    check_same_settings(path, ckpt, cfg, MODEL_KEYS)
+    return ckpt
+
+
+def check_same_settings(path, ckpt, cfg, keys):
+    saved = ckpt.get("config", {})
+    for key in keys:
+        if key in saved and saved[key] != getattr(cfg, key, None):
+            raise ValueError(f"{path} was trained with --{key} {saved[key]!r} but this run has "
+                             f"{getattr(cfg, key, None)!r}; pass the same settings to resume")
+
+
+def load_weights(path, ckpt, model, cfg):
+    """model.load_state_dict(ckpt['model']), a mismatch told as what to do (ValueError)."""
+    check_same_settings(path, ckpt, cfg, ("num_classes",))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
+        detail = " ".join(str(err).split())   # torch lists every key: keep the start
+        raise ValueError(f"the weights in {path} do not fit this model; resume with the settings "
+                         f"it was trained with ({detail[:240]}{'...' * (len(detail) > 240)})") from None
+
+
+def load_training_state(path, ckpt, cfg, optimizer, scheduler, scaler):
+    """Optimiser, scheduler, scaler and this rank's RNG from a checkpoint read by read_resume."""
+    if ckpt.get("step", 0):
+        # mid-epoch, `step` counts batches of this size on this many ranks
+        check_same_settings(path, ckpt, cfg, ("batch_size",))
+        if ckpt.get("world_size", 1) != distributed.get_world_size():
+            raise ValueError(f"{path} stopped mid-epoch with {ckpt.get('world_size', 1)} process(es) "
+                             f"but this run has {distributed.get_world_size()}; resume with as many, "
+                             f"or from an end-of-epoch checkpoint_eNNNN.pth")
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:   # one state per rank (a world of another size: from an epoch's end)
+            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            set_rng_state(rngs[distributed.get_rank() % len(rngs)])
+
+
+def rotate_checkpoints(out_dir, epoch, keep):
+    """Copy checkpoint.pth to checkpoint_eEEEE.pth, then drop the copies of epochs <= epoch - keep.
+
+    The copy goes through a temporary name too: a crash leaves no half-written epoch file,
+    and a full disk raises WriteError (see checkpoint_write_failed) with no temporary file left.
+    """
+    if keep <= 1:
+        return
+    target = os.path.join(out_dir, f"checkpoint_e{epoch:04d}.pth")
+    copy_atomic(os.path.join(out_dir, "checkpoint.pth"), target)
+    for name in os.listdir(out_dir):
+        old = re.fullmatch(r"checkpoint_e(\d+)\.pth", name)
+        if old and int(old.group(1)) <= epoch - keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+def checkpoint_write_failed(err, out_dir):
+    """The one line when writing a file of the run failed (a full disk, say): checkpoint.pth,
+    an epoch's copy or log.txt, named by the WriteError its writer raised with the bytes it
+    needed; the writer left that file as it was, and checkpoint.pth (if written yet) is where
+    to go on from."""
+    resume = os.path.join(out_dir, "checkpoint.pth")
+    return cannot_write(err.filename or resume, err, getattr(err, "needed", None),
+                        then=f"continue with --resume {resume}" if os.path.isfile(resume) else "run it again")
+
+

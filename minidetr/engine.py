@@ -1,14 +1,18 @@
-"""What train.py's loop stands on: datasets, and exact resume (the optimiser is in optim.py).
+"""What makes a run stoppable and resumable: where training stands, and how it ends.
 
 train.py holds the loop itself (data -> forward -> loss -> backward -> clip -> step -> log);
-everything here is what that loop calls. Two properties matter beyond getting the numbers right:
+the data it reads is minidetr/data.py's, the checkpoints it writes and resumes from are
+minidetr/checkpoint.py's, the optimiser is minidetr/optim.py's. What is here:
 
 - Determinism across interruption (`TrainingProgress`). The data order of epoch e is a
   permutation seeded by (seed, e); each sample's augmentation draws from a generator seeded
-  by (seed, e, index); the loader's worker seeds come from its own generator. A checkpoint
-  stores the model, optimiser, scheduler, scaler, every rank's global RNG (dropout,
-  denoising noise) and how many batches of the epoch were done, so a resumed run continues
-  with exactly the batches and random numbers an uninterrupted run would have used.
+  by (seed, e, index) (data.SeededDataset); the loader's worker seeds come from its own
+  generator. A checkpoint stores the model, optimiser, scheduler, scaler, every rank's
+  global RNG (dropout, denoising noise) and how many batches of the epoch were done, so a
+  resumed run continues with exactly the batches and random numbers an uninterrupted run
+  would have used.
+- Stopping: Ctrl-C / SIGTERM at a step boundary with a checkpoint (`StopRequest`), and
+  --time_limit's epochs that fit (`TimeLimit`).
 - Nothing silently wrong. A non-finite loss stops training with the epoch, the step and
   the loss terms that went non-finite (LossMeter). The loop looks every --log_every steps
   and before every checkpoint, in one host sync for all the steps since the last look, so
@@ -16,150 +20,14 @@ everything here is what that loop calls. Two properties matter beyond getting th
 """
 import dataclasses
 import os
-import re
 import signal
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from minidetr import distributed
-from minidetr.categories import Categories
-from minidetr.check import check_before_training, split_files
-from minidetr.checkpoint import (cannot_write, copy_atomic, is_official_checkpoint, load_safely, rng_state,
-                                 save_atomic, set_rng_state)
-from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
-
-
-class DataError(RuntimeError):
-    """A sample could not be loaded (missing or unreadable image, bad annotation).
-
-    Raised with the dataset's own message (it names the file and the image id). Inside a
-    DataLoader worker, torch re-raises it in the main process with the worker's traceback
-    folded into the message; `message_of` recovers the one line a user needs.
-    """
-
-    @staticmethod
-    def message_of(err):
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        last = lines[-1] if lines else repr(err)
-        return last.split("DataError: ", 1)[-1]
-
-
-# ---- datasets ----
-
-def build_datasets(cfg, categories=None):
-    """(train, val) datasets: COCO, a custom COCO-format pair, or the built-in shapes.
-
-    train is None with cfg.eval. Every split is checked before any is built
-    (minidetr/check.py): DatasetError lists every defect that would stop or corrupt the run,
-    and what training skips is named once. The class count they need is checked by
-    `fit_num_classes`. Both splits share one category table (minidetr/categories.py):
-    `categories` (a checkpoint's, when evaluating it) or the union of their json lists.
-    """
-    splits = ("val",) if cfg.eval else ("train", "val")
-    if cfg.coco_path or cfg.train_json or cfg.val_json:
-        files = {s: split_files(s, cfg.coco_path, getattr(cfg, f"{s}_json"), getattr(cfg, f"{s}_images"))
-                 for s in splits}
-    else:
-        if distributed.is_main_process():      # one writer; the others wait for it
-            make_shapes_dataset(num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-        distributed.barrier()
-        paths = make_shapes_dataset(num_train=cfg.shapes_train, num_val=cfg.shapes_val)
-        files = {s: (paths[f"{s}_json"], paths[f"{s}_images"]) for s in splits}
-    data = check_before_training(files, verbose=distributed.is_main_process())
-    categories = categories or Categories.from_datasets(*(data[s]["categories"] for s in splits))
-    for s in splits:
-        unknown = [c["id"] for c in data[s]["categories"] if c["id"] not in categories.label_of]
-        if unknown:
-            raise ValueError(f"{files[s][0]} lists category id {unknown[0]!r}, which the model's "
-                             f"class head has no row for (it knows {len(categories.names)} categories)")
-    if categories.remapped and distributed.is_main_process():
-        largest = max(categories.label_of, key=lambda i: (isinstance(i, str), i))
-        print(f"categories: {len(categories.names)} ids up to {largest!r}: the class head gets rows "
-              f"0..{categories.num_classes - 1} in id order, mapped back to the ids in every result")
-    built = {s: CocoDetection(folder, json_file, make_transforms(s, cfg.preset, cfg.image_size),
-                              data=data[s], categories=categories)
-             for s, (json_file, folder) in files.items()}
-    return built.get("train"), built["val"]
-
-
-def fit_num_classes(cfg, datasets, num_classes_given):
-    """cfg, or a copy with num_classes = the class-head rows the datasets need.
-
-    Rows: the largest category id + 1 (ids as labels), or the number of categories when the
-    ids are sparse (minidetr/categories.py). A label >= num_classes would index past the
-    classifier (or be read as "no object"): a --num_classes the user gave that is too small
-    is an error naming the file that needs more; one the user did not give is set to the
-    rows needed (the preset's 91 or 7 are COCO's and the shapes' own counts).
-    """
-    def rows(d):   # what this split's own categories need under the shared table
-        return max((d.categories.label_of[i] for i in d.category_names), default=0) + 1
-    largest = max((d for d in datasets if d is not None), key=rows)
-    needed = rows(largest)
-    if cfg.num_classes >= needed and (num_classes_given or cfg.num_classes == needed):
-        return cfg
-    if num_classes_given:
-        what = (f"the {needed} rows its {len(largest.categories.names)} sparse category ids are given"
-                if largest.categories.remapped else f"the largest category id + 1 = {needed}")
-        raise ValueError(f"--num_classes {cfg.num_classes} is smaller than {what} "
-                         f"in {largest.ann_file}; pass --num_classes {needed} or more")
-    return dataclasses.replace(cfg, num_classes=needed)
-
-
-# ---- deterministic, resumable data order ----
-
-class SeededDataset(Dataset):
-    """Wraps a dataset so item i of epoch e always gets the same augmentation.
-
-    The transforms draw from torch's global generator; here that generator is forked and
-    seeded per (seed, epoch, index) around each item, so the draw no longer depends on
-    which worker loads the item or on what ran before (a resumed run loads a different
-    first batch in each worker, yet every item comes out identical).
-    """
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63))
-            try:
-                return self.dataset[index]
-            except (OSError, ValueError) as err:   # the dataset's messages name file and id
-                raise DataError(str(err)) from err
-
-
-class SkipSampler(Sampler):
-    """The epoch's order from `base`, without its first `skip` indices (resuming mid-epoch)."""
-
-    def __init__(self, base, skip=0):
-        self.base, self.skip = base, skip
-
-    def __iter__(self):
-        return iter(list(self.base)[self.skip:])
-
-    def __len__(self):
-        return max(len(self.base) - self.skip, 0)
-
-
-def make_loader(dataset, cfg, epoch, train, skip_batches=0):
-    """DataLoader for one epoch; DistributedSampler shards it over ranks (a world of one too)."""
-    sampler = DistributedSampler(dataset, num_replicas=distributed.get_world_size(),
-                                 rank=distributed.get_rank(), shuffle=train, seed=cfg.seed,
-                                 drop_last=False)
-    sampler.set_epoch(epoch)
-    if not isinstance(dataset, SeededDataset):   # evaluation too: same error reporting
-        dataset = SeededDataset(dataset, cfg.seed)
-    dataset.epoch = epoch
-    return DataLoader(dataset, batch_size=cfg.batch_size,
-                      sampler=SkipSampler(sampler, skip_batches * cfg.batch_size),
-                      collate_fn=collate_fn, num_workers=cfg.num_workers,
-                      generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                      drop_last=False)
+from minidetr.checkpoint import rng_state, rotate_checkpoints, save_atomic
+from minidetr.data import SeededDataset, make_loader
 
 
 # ---- stopping cleanly on SIGINT / SIGTERM ----
@@ -200,85 +68,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# ---- checkpoints: what a run saves, and what it checks before resuming ----
-
-# settings that decide the model's weights and what they mean: a checkpoint cannot continue
-# under others (num_classes is checked once the dataset has set it)
-MODEL_KEYS = ("variant", "preset", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim",
-              "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
-              "smca_scale", "smca_multiscale")
-
-
-def read_resume(path, cfg):
-    """Load --resume and check it fits this run's model; ValueError says what to do if not.
-
-    Runs before the dataset and the model are built, so a wrong file stops the run at once.
-    """
-    ckpt = load_safely(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} has no 'model' entry; is it a minidetr or DETR checkpoint?")
-    if is_official_checkpoint(ckpt):   # its weights have the reference's names, not ours
-        raise ValueError(f"{path} is an official DETR-family checkpoint; convert it first: python -m "
-                         f"minidetr.convert --variant {cfg.variant} --src {path} --dst converted.pth, "
-                         f"then --resume converted.pth")
-    check_same_settings(path, ckpt, cfg, MODEL_KEYS)
-    return ckpt
-
-
-def check_same_settings(path, ckpt, cfg, keys):
-    saved = ckpt.get("config", {})
-    for key in keys:
-        if key in saved and saved[key] != getattr(cfg, key, None):
-            raise ValueError(f"{path} was trained with --{key} {saved[key]!r} but this run has "
-                             f"{getattr(cfg, key, None)!r}; pass the same settings to resume")
-
-
-def load_weights(path, ckpt, model, cfg):
-    """model.load_state_dict(ckpt['model']), a mismatch told as what to do (ValueError)."""
-    check_same_settings(path, ckpt, cfg, ("num_classes",))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:   # missing / unexpected / wrongly shaped weights
-        detail = " ".join(str(err).split())   # torch lists every key: keep the start
-        raise ValueError(f"the weights in {path} do not fit this model; resume with the settings "
-                         f"it was trained with ({detail[:240]}{'...' * (len(detail) > 240)})") from None
-
-
-def load_training_state(path, ckpt, cfg, optimizer, scheduler, scaler):
-    """Optimiser, scheduler, scaler and this rank's RNG from a checkpoint read by read_resume."""
-    if ckpt.get("step", 0):
-        # mid-epoch, `step` counts batches of this size on this many ranks
-        check_same_settings(path, ckpt, cfg, ("batch_size",))
-        if ckpt.get("world_size", 1) != distributed.get_world_size():
-            raise ValueError(f"{path} stopped mid-epoch with {ckpt.get('world_size', 1)} process(es) "
-                             f"but this run has {distributed.get_world_size()}; resume with as many, "
-                             f"or from an end-of-epoch checkpoint_eNNNN.pth")
-    if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:   # one state per rank (a world of another size: from an epoch's end)
-            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-            set_rng_state(rngs[distributed.get_rank() % len(rngs)])
-
-
-def rotate_checkpoints(out_dir, epoch, keep):
-    """Copy checkpoint.pth to checkpoint_eEEEE.pth, then drop the copies of epochs <= epoch - keep.
-
-    The copy goes through a temporary name too: a crash leaves no half-written epoch file,
-    and a full disk raises WriteError (see checkpoint_write_failed) with no temporary file left.
-    """
-    if keep <= 1:
-        return
-    target = os.path.join(out_dir, f"checkpoint_e{epoch:04d}.pth")
-    copy_atomic(os.path.join(out_dir, "checkpoint.pth"), target)
-    for name in os.listdir(out_dir):
-        old = re.fullmatch(r"checkpoint_e(\d+)\.pth", name)
-        if old and int(old.group(1)) <= epoch - keep:
-            os.remove(os.path.join(out_dir, name))
 
 
 # ---- where training stands, and how it continues exactly ----
@@ -422,16 +211,6 @@ class TimeLimit:
 
     def checkpoint_entry(self):
         return {"schedule": self.schedule} if self.schedule else {}
-
-
-def checkpoint_write_failed(err, out_dir):
-    """The one line when writing a file of the run failed (a full disk, say): checkpoint.pth,
-    an epoch's copy or log.txt, named by the WriteError its writer raised with the bytes it
-    needed; the writer left that file as it was, and checkpoint.pth (if written yet) is where
-    to go on from."""
-    resume = os.path.join(out_dir, "checkpoint.pth")
-    return cannot_write(err.filename or resume, err, getattr(err, "needed", None),
-                        then=f"continue with --resume {resume}" if os.path.isfile(resume) else "run it again")
 
 
 # ---- per-step bookkeeping ----

@@ -47,8 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from minidetr import distributed
-from minidetr.data import collate_fn, make_transforms
-from minidetr.engine import SeededDataset
+from minidetr.data import SeededDataset, collate_fn, make_transforms
 from minidetr.evaluation import autocast
 
 

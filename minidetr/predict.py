@@ -36,10 +36,9 @@ from typing import NamedTuple, Optional
 import torch
 from PIL import Image
 
-from minidetr.check import open_rgb
 from minidetr.checkpoint import read_checkpoint, write_bytes_atomic
 from minidetr.config import Config
-from minidetr.data import make_transforms
+from minidetr.data import make_transforms, open_rgb
 from minidetr.detr import build
 from minidetr.draw import draw_predictions
 

@@ -1,7 +1,7 @@
 """checkpoint: atomic saves leave no partial file, loads are weights_only (Namespace allowed,
 other pickled code refused), and the RNG state round-trips through a saved file. A full disk
 while a run writes any of its files (checkpoint.pth, an epoch's copy made by
-engine.rotate_checkpoints, log.txt appended by train.write_log) ends in one line naming the
+checkpoint.rotate_checkpoints, log.txt appended by train.write_log) ends in one line naming the
 file and the bytes it needed, with every earlier file byte for byte as it was."""
 import argparse
 import errno
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidetr import engine
+from minidetr import checkpoint
 from minidetr.checkpoint import WriteError, cannot_write, load_safely, rng_state, save_atomic, set_rng_state
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,8 +113,8 @@ def test_full_disk_on_an_epoch_copy(tmp_path, monkeypatch):
     """The disk fills half-way through checkpoint_e0002.pth: one line naming it and the 700
     bytes of checkpoint.pth it needed; checkpoint.pth and the epoch-1 copy are unchanged and
     no temporary file is left."""
-    checkpoint, epoch_1 = os.urandom(700), os.urandom(500)
-    (tmp_path / "checkpoint.pth").write_bytes(checkpoint)
+    main, epoch_1 = os.urandom(700), os.urandom(500)
+    (tmp_path / "checkpoint.pth").write_bytes(main)
     (tmp_path / "checkpoint_e0001.pth").write_bytes(epoch_1)
 
     def half_then_full(source, target, *args, **kwargs):
@@ -122,14 +122,14 @@ def test_full_disk_on_an_epoch_copy(tmp_path, monkeypatch):
         raise full_disk()
     monkeypatch.setattr(shutil, "copyfileobj", half_then_full)
     with pytest.raises(OSError) as exc:
-        engine.rotate_checkpoints(str(tmp_path), 2, keep=3)
-    line = engine.checkpoint_write_failed(exc.value, str(tmp_path))
+        checkpoint.rotate_checkpoints(str(tmp_path), 2, keep=3)
+    line = checkpoint.checkpoint_write_failed(exc.value, str(tmp_path))
     resume = tmp_path / "checkpoint.pth"
     assert line.startswith(f"cannot write {tmp_path / 'checkpoint_e0002.pth'}: {FULL} (needed 700 bytes, ")
     assert line.endswith(f"; the previous checkpoint_e0002.pth (if any) is unchanged; free some space, "
                          f"then continue with --resume {resume}") and "\n" not in line
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_e0001.pth"]
-    assert resume.read_bytes() == checkpoint and (tmp_path / "checkpoint_e0001.pth").read_bytes() == epoch_1
+    assert resume.read_bytes() == main and (tmp_path / "checkpoint_e0001.pth").read_bytes() == epoch_1
 
 
 def test_full_disk_on_log_txt(tmp_path, monkeypatch):

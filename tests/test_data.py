@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidetr.data import (CocoDetection, Compose, Normalize, RandomHorizontalFlip,
-                           RandomResize, RandomSizeCrop, ToTensor, build_dataset,
-                           collate_fn, crop, make_transforms, nested_pad, resized_hw)
+from minidetr.check import build_dataset, load_dataset
+from minidetr.data import (Compose, Normalize, RandomHorizontalFlip, RandomResize, RandomSizeCrop,
+                           ToTensor, collate_fn, crop, make_transforms, nested_pad, resized_hw)
 
 
 def _target(boxes, labels=None):
@@ -181,7 +181,7 @@ def test_loader_workers_deliver_the_datasets_own_targets(tmp_path):
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5], area=25, iscrowd=0),
                                     _ann(2, [2, 3, 9, 9], category_id=3, image_id=3, area=81, iscrowd=0)],
                                    images=images)
-    dataset = CocoDetection(folder, ann_file)
+    dataset = load_dataset(folder, ann_file)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_fn, num_workers=2)
     (_, _, targets), = list(loader)
     for i, got in enumerate(targets):
@@ -216,7 +216,7 @@ def test_missing_image_file_names_file_and_id(tmp_path):
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])])
     os.remove(os.path.join(folder, '1.png'))
     with pytest.raises(FileNotFoundError, match=r'image id 1.*1\.png'):
-        CocoDetection(folder, ann_file)[0]
+        load_dataset(folder, ann_file)[0]
 
 
 def test_truncated_image_names_file_and_id(tmp_path):
@@ -226,7 +226,7 @@ def test_truncated_image_names_file_and_id(tmp_path):
     blob = open(path, 'rb').read()
     open(path, 'wb').write(blob[:len(blob) // 2])
     with pytest.raises(OSError, match=r'image id 1.*1\.png'):
-        CocoDetection(folder, ann_file)[0]
+        load_dataset(folder, ann_file)[0]
 
 
 def test_malformed_or_incomplete_json_names_file(tmp_path):
@@ -234,26 +234,26 @@ def test_malformed_or_incomplete_json_names_file(tmp_path):
     text = open(ann_file).read()
     open(ann_file, 'w').write(text[:-10])
     with pytest.raises(ValueError, match='ann.json.*malformed'):
-        CocoDetection(folder, ann_file)
+        load_dataset(folder, ann_file)
     open(ann_file, 'w').write(json.dumps({'images': [], 'annotations': []}))
     with pytest.raises(ValueError, match="ann.json.*'categories'"):
-        CocoDetection(folder, ann_file)
+        load_dataset(folder, ann_file)
     open(ann_file, 'wb').write(b'\xff\xfe\x00binary')
     with pytest.raises(ValueError, match='ann.json'):
-        CocoDetection(folder, ann_file)
+        load_dataset(folder, ann_file)
 
 
 def test_image_size_disagreeing_with_json_names_file_and_id(tmp_path):
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])])
     Image.new('RGB', (41, 30)).save(os.path.join(folder, '1.png'))
     with pytest.raises(ValueError, match=r'image id 1.*1\.png'):
-        CocoDetection(folder, ann_file)[0]
+        load_dataset(folder, ann_file)[0]
 
 
 def test_unknown_category_names_annotation_and_category(tmp_path):
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(17, [1, 1, 5, 5], 2)])
     with pytest.raises(ValueError, match='annotation id 17.*category_id 2'):
-        CocoDetection(folder, ann_file)
+        load_dataset(folder, ann_file)
 
 
 def test_bad_boxes_dropped_or_clipped_with_one_warning(tmp_path):
@@ -267,7 +267,7 @@ def test_bad_boxes_dropped_or_clipped_with_one_warning(tmp_path):
     folder, ann_file = _write_coco(tmp_path, anns)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        dataset = CocoDetection(folder, ann_file)
+        dataset = load_dataset(folder, ann_file)
         _, target = dataset[0]
     assert len(caught) == 1
     message = str(caught[0].message)
@@ -283,11 +283,11 @@ def test_image_without_annotations_gives_empty_target(tmp_path):
     images = [{'id': 1, 'file_name': '1.png', 'width': 40, 'height': 30},
               {'id': 9, 'file_name': '9.png', 'width': 20, 'height': 10}]
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], images=images)
-    image, target = CocoDetection(folder, ann_file)[1]
+    image, target = load_dataset(folder, ann_file)[1]
     assert target['image_id'] == 9 and image.shape == (3, 10, 20)
     assert target['boxes'].shape == (0, 4) and target['labels'].shape == (0,)
     assert target['labels'].dtype == torch.int64
-    batch = collate_fn([CocoDetection(folder, ann_file)[i] for i in range(2)])
+    batch = collate_fn([load_dataset(folder, ann_file)[i] for i in range(2)])
     assert batch[0].shape == (2, 3, 30, 40) and batch[1][1, 10:, :].all()
 
 
@@ -295,7 +295,7 @@ def test_image_without_annotations_gives_empty_target(tmp_path):
 def test_non_rgb_images_become_three_channels(tmp_path, mode):
     """Grey 128 in any mode -> 3 equal channels of 128/255 before normalisation."""
     folder, ann_file = _write_coco(tmp_path, [_ann(1, [1, 1, 5, 5])], modes={1: mode})
-    dataset = CocoDetection(folder, ann_file, transforms=lambda image, target: (image, target))
+    dataset = load_dataset(folder, ann_file, transforms=lambda image, target: (image, target))
     image, _ = dataset[0]
     assert image.mode == 'RGB' and image.size == (40, 30)
     if mode in ('L', 'LA'):
@@ -322,7 +322,7 @@ def test_16_bit_grey_images_keep_their_contrast(tmp_path):
     """A 16-bit grey PNG maps 0..65535 onto 0..255 (PIL's own convert('RGB') clips at 255 and
     whitened 99.6% of this ramp); float pixels, which have no range, are an error naming the
     image; 8-bit grey is untouched."""
-    from minidetr.check import open_rgb
+    from minidetr.data import open_rgb
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")

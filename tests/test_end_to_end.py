@@ -11,7 +11,8 @@ from PIL import Image
 
 import minidetr
 from minidetr.checkpoint import load_safely, save_atomic
-from minidetr.data import CocoDetection, collate_fn, make_shapes_dataset, make_transforms
+from minidetr.check import load_dataset
+from minidetr.data import collate_fn, make_shapes_dataset, make_transforms
 from minidetr.optim import build_optimizer
 from minidetr.evaluation import autocast, evaluate
 
@@ -23,7 +24,7 @@ import train as train_script  # noqa: E402
 @pytest.fixture(scope="module")
 def two_images(tmp_path_factory):
     paths = make_shapes_dataset(tmp_path_factory.mktemp("shapes2"), num_train=2, num_val=2, seed=3)
-    ds = CocoDetection(paths["train_images"], paths["train_json"], make_transforms("val", "tiny", 128))
+    ds = load_dataset(paths["train_images"], paths["train_json"], make_transforms("val", "tiny", 128))
     return ds, collate_fn([ds[0], ds[1]])
 
 

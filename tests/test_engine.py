@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import minidetr
-from minidetr import distributed, engine
+from minidetr import checkpoint, distributed, engine
 from minidetr.checkpoint import load_safely, save_atomic
 from minidetr.engine import StopRequest
 
@@ -266,13 +266,13 @@ def test_keep_checkpoints_rotation(tmp_path):
     later keep 2 leaves 5 and 6."""
     for epoch in range(1, 6):
         (tmp_path / "checkpoint.pth").write_bytes(f"epoch {epoch}".encode())
-        engine.rotate_checkpoints(str(tmp_path), epoch, keep=3)
+        checkpoint.rotate_checkpoints(str(tmp_path), epoch, keep=3)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_e0003.pth",
                                             "checkpoint_e0004.pth", "checkpoint_e0005.pth"]
     assert (tmp_path / "checkpoint_e0004.pth").read_bytes() == b"epoch 4"
-    engine.rotate_checkpoints(str(tmp_path), 6, keep=2)     # resumed with a smaller K: 3 and 4 go
+    checkpoint.rotate_checkpoints(str(tmp_path), 6, keep=2)     # resumed with a smaller K: 3 and 4 go
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint_e0005.pth", "checkpoint_e0006.pth"]
-    engine.rotate_checkpoints(str(tmp_path), 7, keep=1)     # keep 1: checkpoint.pth only, no copies
+    checkpoint.rotate_checkpoints(str(tmp_path), 7, keep=1)     # keep 1: checkpoint.pth only, no copies
     assert not (tmp_path / "checkpoint_e0007.pth").exists()
 
 

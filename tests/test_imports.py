@@ -79,3 +79,13 @@ def test_no_function_level_imports_of_own_modules():
 def test_convert_is_a_leaf():
     """Nothing in the package imports convert.py (the official-checkpoint converter)."""
     assert [m for m, (edges, _) in import_graph().items() if "convert" in edges] == []
+
+
+def test_the_data_knows_nothing_of_the_check_nor_of_the_training():
+    """One way: check.py reads with the data's functions (how an image is decoded, what a box
+    becomes, where a split's files are); data.py imports neither check.py nor the run's
+    machinery (engine, checkpoint), so a dataset can be used without them."""
+    graph = import_graph()
+    assert "data" in graph["check"][0]
+    assert not {"check", "engine", "checkpoint", "train"} & graph["data"][0]
+    assert not {"check", "data"} & graph["checkpoint"][0]

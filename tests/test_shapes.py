@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from minidetr import shapes as shapes_module  # not `shapes`: that is the fixture below
-from minidetr.data import CocoDetection, collate_fn
+from minidetr.check import load_dataset
+from minidetr.data import collate_fn
 from minidetr.shapes import make_shapes_dataset
 
 
@@ -140,7 +141,7 @@ def test_shapes_rejects_objects_larger_than_the_image_allows(tmp_path):
 def test_dataset_items_agree_with_json(shapes):
     """Items (boxes back in pixels, labels, sizes) equal the json; batching works."""
     coco = json.load(open(shapes['train_json']))
-    dataset = CocoDetection(shapes['train_images'], shapes['train_json'])
+    dataset = load_dataset(shapes['train_images'], shapes['train_json'])
     assert len(dataset) == 12 and dataset.num_classes_needed == 7
     assert dataset.category_names[1] == 'circle'
     for image, target in (dataset[i] for i in range(len(dataset))):
@@ -160,7 +161,7 @@ def test_one_place_for_the_builtin_dataset(tmp_path, monkeypatch):
     """make_shapes_dataset() without a root (the benchmarks) and train.py's datasets use one
     folder: a second caller finds the first's files instead of refusing or regenerating them."""
     from minidetr.config import Config
-    from minidetr.engine import build_datasets
+    from minidetr.check import build_datasets
     monkeypatch.setenv('MINIDETR_DATA', str(tmp_path))
     paths = make_shapes_dataset(num_train=3, num_val=2)
     assert paths['root'] == str(tmp_path / 'n3_v2')

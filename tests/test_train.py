@@ -275,7 +275,7 @@ def _exit(code):
     (RuntimeError("boom"), "RuntimeError: boom"),
     # a sample a loader worker could not load: one line under torchrun too (it was a traceback)
     (train.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\n"
-                     "minidetr.engine.DataError: image id 2: 2.png is missing"),
+                     "minidetr.data.DataError: image id 2: 2.png is missing"),
      "[rank 1] error: image id 2: 2.png is missing (fix or remove it from the annotation file)\n"),
 ])
 def test_failing_rank_prints_rank_and_exits_at_once(monkeypatch, capsys, failure, expected):
