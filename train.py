@@ -11,7 +11,7 @@ Output (rank 0, when --output_dir is set): log.txt, one JSON line per epoch with
 official DETR writes; checkpoint.pth (atomic), which --resume continues exactly.
 --log_every N prints the training loss every N steps.
 
-The loop in main() reads top to bottom: data -> forward (under autocast with --amp) ->
+The loop in train() reads top to bottom: data -> forward (under autocast with --amp) ->
 loss -> backward (DDP all-reduces the gradients there) -> clip -> step -> log. What makes
 a run resumable exactly (seeded data order, per-rank RNG, stop requests, checkpoints) is
 minidetr.engine.TrainingProgress.
@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import NamedTuple
 
 import torch
 
@@ -49,9 +50,45 @@ def get_args_parser():
     return add_arguments(parser)
 
 
+class Run(NamedTuple):
+    """Everything a run is built from, made by prepare() before any training."""
+    cfg: object
+    device: torch.device
+    out_dir: str
+    train_set: object
+    val_set: object
+    model: torch.nn.Module        # DDP-wrapped under torchrun
+    raw_model: torch.nn.Module    # the model itself: what a checkpoint holds
+    criterion: torch.nn.Module
+    postprocess: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    start: tuple                  # (epoch, step) to go on from: --resume's, or (start_epoch, 0)
+    time_limit: TimeLimit
+    instability: InstabilityLog   # --log_instability's (does nothing without it)
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:   # every mistake on the command line stops here, before any slow work, with what to do
+    """Parse, build, then evaluate only, fit a handful of batches, or train."""
+    run = prepare(get_args_parser().parse_args(argv))
+    if run.cfg.eval:
+        result = evaluate_run(run)
+        if distributed.is_main_process():
+            print(f"COCO bbox: {format_stats(result['stats'])}")
+    elif run.cfg.overfit_batches:
+        return overfit(run.cfg, run.model, run.criterion, run.postprocess, run.optimizer, run.scaler,
+                       run.train_set, run.device)
+    else:
+        result = train(run)
+    distributed.cleanup()
+    return result
+
+
+def prepare(args):
+    """The run's settings, data, model, optimiser and --resume state, in that order; every
+    mistake on the command line stops here, before any slow work, with what to do."""
+    try:
         source = (finetune.Source(args.finetune, *read_any_checkpoint(args.finetune, args.variant)[:3])
                   if args.finetune else None)   # official files are converted on the fly
         cfg = config_from_args(args) if source is None else finetune.config_for(args, source)
@@ -94,46 +131,44 @@ def main(argv=None):
             print(f"fine-tuning from {cfg.finetune}:", *report.lines(), sep="\n")
             if out_dir:
                 write_log({"finetune": report.to_dict()}, out_dir)
-
-    def run_eval():
-        # the val transforms draw from torch's generator: fork it, so whether an evaluation ran
-        # (a run resumed from an epoch's end skips that epoch's) cannot change the training
-        loader = make_loader(val_set, cfg, 0, train=False)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(model, criterion, postprocess, loader, val_set.coco, device, cfg.amp,
-                            categories=val_set.categories)
-
-    if cfg.eval:
-        result = run_eval()
-        if distributed.is_main_process():
-            print(f"COCO bbox: {format_stats(result['stats'])}")
-        distributed.cleanup()
-        return result
-    if cfg.overfit_batches:
-        return overfit(cfg, model, criterion, postprocess, optimizer, scaler, train_set, device)
-
-    # ---- the training loop ----
-    epoch, step = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
+    start = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
     # --log_instability: DN-DETR's matching instability at each evaluation (off: does nothing)
     instability = InstabilityLog.for_run(cfg, train_set, criterion.matcher, device, ckpt)
-    del ckpt
+    return Run(cfg, device, out_dir, train_set, val_set, model, raw_model, criterion, postprocess,
+               optimizer, scheduler, scaler, start, time_limit, instability)
+
+
+def evaluate_run(run):
+    """COCO evaluation of the model on the val split (the val transforms draw from torch's
+    generator: forked, so whether an evaluation ran, as a run resumed from an epoch's end
+    skips that epoch's, cannot change the training)."""
+    loader = make_loader(run.val_set, run.cfg, 0, train=False)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        return evaluate(run.model, run.criterion, run.postprocess, loader, run.val_set.coco, run.device,
+                        run.cfg.amp, categories=run.val_set.categories)
+
+
+def train(run):
+    """The epochs: steps, then checkpoint, then evaluation and log.txt's line -> the last result."""
+    cfg, model, criterion, optimizer, out_dir = run.cfg, run.model, run.criterion, run.optimizer, run.out_dir
+    time_limit, instability = run.time_limit, run.instability
     result, loop_start = None, time.time()
 
     def save(progress, finished):
         try:
-            progress.save(out_dir, raw_model, optimizer, scheduler, scaler, finished,
+            progress.save(out_dir, run.raw_model, optimizer, run.scheduler, run.scaler, finished,
                           extra={**instability.checkpoint_entry(), **time_limit.checkpoint_entry()})
         except OSError as err:   # a full disk: checkpoint.pth or the epoch's copy left as it was
             sys.exit(f"error: {checkpoint_write_failed(err, out_dir)}")
 
-    with TrainingProgress(cfg, train_set, epoch, step) as progress:   # exact resume, Ctrl-C, max_steps
+    with TrainingProgress(cfg, run.train_set, *run.start) as progress:   # exact resume, Ctrl-C, max_steps
         while progress.epoch < cfg.epochs:
             model.train()
             meter = LossMeter()
             if progress.step == 0:          # a whole epoch: --time_limit may time it
                 time_limit.epoch_begins()
             for batch in progress.batches():
-                loss, losses = train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter)
+                loss, losses = train_step(model, criterion, optimizer, run.scaler, batch, cfg, run.device, meter)
                 meter.add(loss, losses, criterion.weight_dict, progress.epoch, progress.step)   # no sync
                 if cfg.log_every and (progress.global_step + 1) % cfg.log_every == 0:
                     stop_if_non_finite(meter)       # the steps since the last look, in one sync
@@ -143,31 +178,19 @@ def main(argv=None):
             train_stats = meter.averages(optimizer.param_groups[0]["lr"])
             finished = progress.end_epoch()
             if finished:
-                scheduler.step()
+                run.scheduler.step()
             # before the checkpoint: it keeps the assignment a resumed run compares with
-            instability.measure_if_evaluating(raw_model, progress, finished)
+            instability.measure_if_evaluating(run.raw_model, progress, finished)
             save(progress, finished)
             if progress.stop.should_stop():
                 interrupted(progress, out_dir)
                 break
             if progress.should_evaluate(finished):
                 eval_start = time.time()
-                result = run_eval()
-                log = {**{f"train_{k}": v for k, v in train_stats.items()},
-                       **{f"test_{k}": v for k, v in result["losses"].items()},
-                       "test_coco_eval_bbox": result["stats"],
-                       # AP per category id (as in the json), NaN (null) where val has none
-                       "test_ap_per_category": {str(k): (None if v != v else round(v, 5))
-                                                for k, v in result["per_class"].items()},
-                       "epoch": progress.epoch - 1 if finished else progress.epoch,
-                       "step": progress.global_step, "n_parameters": n_parameters,
-                       "epoch_time": round(time.time() - loop_start, 1),   # since the loop started
-                       # speed: the epoch's median step (loading + training) and the evaluation
-                       "step_time_median": round(statistics.median(progress.step_times), 4)
-                       if progress.step_times else None,
-                       "eval_time": round(time.time() - eval_start, 2),
-                       "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2),
-                       **instability.log_entry()}   # train_instability with --log_instability
+                result = evaluate_run(run)
+                log = epoch_log(train_stats, result, progress, finished, run.raw_model)
+                log.update(epoch_time=round(time.time() - loop_start, 1),   # since the loop started
+                           eval_time=round(time.time() - eval_start, 2), **instability.log_entry())
                 if distributed.is_main_process():
                     print(f"epoch {log['epoch']} step {log['step']}: loss {train_stats['loss']:.3f}  "
                           f"{format_stats(result['stats'])}", flush=True)
@@ -179,8 +202,24 @@ def main(argv=None):
                         save(progress, finished=False)
             if progress.ended_early:
                 break
-    distributed.cleanup()
     return result
+
+
+def epoch_log(train_stats, result, progress, finished, model):
+    """log.txt's line for an evaluation: official DETR's keys, then minidetr's own."""
+    return {**{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in result["losses"].items()},
+            "test_coco_eval_bbox": result["stats"],
+            # AP per category id (as in the json), NaN (null) where val has none
+            "test_ap_per_category": {str(k): (None if v != v else round(v, 5))
+                                     for k, v in result["per_class"].items()},
+            "epoch": progress.epoch - 1 if finished else progress.epoch,
+            "step": progress.global_step,
+            "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            # speed: the epoch's median step (loading + training) and the evaluation's images/s
+            "step_time_median": round(statistics.median(progress.step_times), 4)
+            if progress.step_times else None,
+            "eval_img_s": round(result["images"] / max(result["loop_seconds"], 1e-9), 2)}
 
 
 def train_step(model, criterion, optimizer, scaler, batch, cfg, device, meter=None):

@@ -163,7 +163,7 @@ class InstabilityLog:
     def for_run(cls, cfg, train_set, matcher, device, ckpt=None):
         """The run's log, with the previous assignment of --resume's checkpoint if it holds one
         for the same images (other images, e.g. another --instability_images: it starts afresh)."""
-        if not cfg.log_instability:
+        if not cfg.log_instability or train_set is None:   # (no training: --eval)
             return cls(None, [], matcher, device, cfg.amp)
         log = cls(fixed_images(train_set, cfg), list(train_set.ids[:cfg.instability_images]),
                   matcher, device, cfg.amp)
