@@ -75,6 +75,9 @@ class Config:
     smca_multiscale: bool = _f(False, "SMCA multi-scale encoder and scale selection")
     # ---- denoising ----
     scalar: int = _f(5, "denoising groups (DN-DETR's --scalar)")
+    dn_bucket: int = _f(0, "slots of a denoising group: a multiple of N (static query counts for "
+                           "torch.compile or CUDA graphs; the extra slots are masked, the numbers "
+                           "stay; 0 = the batch's largest object count, as DN-DETR)")
     label_noise_scale: float = _f(0.2, "probability of flipping a denoising label")
     box_noise_scale: float = _f(0.4, "lambda: centre shift <= lambda*wh/2, size scale in 1 +- lambda")
     # ---- optimisation ----
@@ -113,11 +116,10 @@ class Config:
     num_workers: int = _f(2, "data loading workers")
     keep_checkpoints: int = _f(1, "keep the checkpoints of the last K epochs")
     max_steps: int = _f(0, "stop after this many optimiser steps (0 = no limit)")
-    time_limit: float = _f(0.0, "minutes: after its first epoch the run measures an epoch (training "
-                                "+ evaluation) on this machine and keeps as many of --epochs as fit "
-                                "in this time since it started, the lr drop moved in proportion "
-                                "(0 = every epoch; the tiny preset's 9.5 unless --epochs or "
-                                "--max_steps is given)")
+    time_limit: float = _f(0.0, "minutes: the run stops after the epoch past which another "
+                                "(at this machine's mean epoch, evaluation included) would end "
+                                "later than this since it started (0 = every epoch; the tiny "
+                                "preset's 9.75 unless --epochs or --max_steps is given)")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     log_every: int = _f(50, "print the training loss every N steps (0 = only per epoch; "
                             "each print waits for the device once)")
@@ -194,7 +196,7 @@ RANGES = dict(
     hidden_dim=1, nheads=1, dim_feedforward=1, dec_layers=1, num_queries=1, num_select=1,
     scalar=1, image_size=32, shapes_train=1, shapes_val=1, instability_images=1,
     enc_layers=0, num_workers=0, max_steps=0, log_every=0, start_epoch=0, overfit_batches=0,
-    time_limit=0.0,
+    time_limit=0.0, dn_bucket=0,
     weight_decay=0.0, clip_max_norm=0.0, dropout=0.0, giou_eps=0.0,
     set_cost_class=0.0, set_cost_bbox=0.0, set_cost_giou=0.0,
     cls_loss_coef=0.0, bbox_loss_coef=0.0, giou_loss_coef=0.0,
@@ -239,14 +241,14 @@ PAPER_DEFAULTS["dn"] = dict(PAPER_DEFAULTS["dab"], dn=True)
 #    steps. dn: AP50 0.69 in 8.6 min on 2 cores, against 0.34 after 5 epochs in 4.3 min.
 #    The benchmarks that compare variants or codes (benchmarks/convergence.py's race,
 #    official.py) keep 5 epochs / 1,250 steps, the budget their tables were built on.
-#  - time_limit 9.5 minutes: those 10 epochs take 7-8 minutes where the CPU has bf16
-#    instructions and two to three times that on one without; after its first epoch the
-#    run keeps as many as fit (engine.TimeLimit). Giving --epochs or --max_steps turns it off.
+#  - time_limit 9.75 minutes: those 10 epochs take 7-8 minutes where the CPU has bf16
+#    instructions and two to three times that on one without; the run stops after the
+#    epochs that fit (engine.TimeLimit). Giving --epochs or --max_steps turns it off.
 TINY = dict(
     backbone="resnet18", backbone_stage="layer2", dilation=False, frozen_bn=False, freeze_stem=False,
     hidden_dim=128, nheads=8, dim_feedforward=512, enc_layers=1, dec_layers=3, dropout=0.0,
     image_size=128, batch_size=8, lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4,
-    epochs=10, lr_drop=8, clip_max_norm=0.1, num_workers=2, seed=42, time_limit=9.5,
+    epochs=10, lr_drop=8, clip_max_norm=0.1, num_workers=2, seed=42, time_limit=9.75,
     num_classes=7, shapes_train=2000, shapes_val=200, backbone_precision="auto",
 )
 # Queries: the papers' ratio (100 for DETR, 300 for the others, against ~7 COCO objects per

@@ -161,16 +161,18 @@ class TimeLimit:
 
     The tiny preset's 10 epochs take 7-8 minutes on a 2-core CPU with bf16 instructions and
     two to three times that on one without (AVX2 only: its ResNet runs in float32, and
-    older cores are slower). Which one a run is on shows in the time its first epoch takes,
-    so after that epoch's evaluation (the first one this process runs to its end), with
-        t_epoch = that epoch's training + evaluation, t = the time since the run started,
-    the run keeps
-        epochs' = min(epochs, done + floor((limit - t) / t_epoch))
-    and says so in one line. The lr drop stays at its epoch, and falls away if the run ends
-    first: dropped early, while AP climbs fastest, it costs more than it gives (dn, the same
-    seed: AP50 0.335 after 1,250 steps with the drop after 1,000, 0.436 without it;
-    benchmarks/RESULTS.md, "The default runs"). The decision is saved in the checkpoint
-    ("schedule") and a resumed run keeps it.
+    older cores are slower). So the run times itself: after each evaluation that follows a
+    whole epoch, with
+        t_epoch = the mean time of this process's epochs, evaluation included,
+        t = the time since the run started (the dataset's generation and check included),
+    it stops there when another epoch would end past the limit, t + t_epoch > limit, and
+    says so in one line. The mean, not the first epoch alone: later epochs may take longer
+    (a shared machine's neighbours; on a 2-core EPYC they took up to 10% more). The lr drop
+    stays at its epoch and falls away when the run ends first: dropped early, while AP
+    climbs fastest, it costs more than it gives (dn, the same seed: AP50 0.335 after 1,250
+    steps with the drop after 1,000, 0.436 without it; benchmarks/RESULTS.md, "The default
+    runs"). The cut is saved in the checkpoint ("schedule": the epochs it kept) and a
+    resumed run keeps it; a resumed run that was not cut counts its own time only.
     """
 
     clock = staticmethod(time.time)   # read once in each method (tests give it a fake)
@@ -178,11 +180,11 @@ class TimeLimit:
     def __init__(self, cfg, ckpt=None):
         """Made as the run starts, before the dataset is built: t counts its generation too."""
         self.minutes, self.start = cfg.time_limit, self.clock()
-        self.schedule = (ckpt or {}).get("schedule")   # {"epochs", "lr_drop"} once decided
-        self.epoch_start = None
+        self.schedule = (ckpt or {}).get("schedule")   # {"epochs": kept} once cut
+        self.epoch_start, self.epoch_times = None, []
 
     def resumed(self, cfg):
-        """cfg with the epochs a resumed run's time limit kept, if it decided."""
+        """cfg with the epochs a resumed run's time limit kept, if it cut them."""
         if not (self.minutes and self.schedule):
             return cfg
         return dataclasses.replace(cfg, **self.schedule)
@@ -191,23 +193,26 @@ class TimeLimit:
         self.epoch_start = self.clock()
 
     def fit(self, cfg, done):
-        """After an evaluation that followed a whole epoch: cfg cut to what fits (or cfg)."""
-        if not self.minutes or self.schedule is not None or self.epoch_start is None:
+        """After the evaluation of a whole epoch (`done` epochs done): cfg, or cfg cut to
+        `done` epochs if another would end past the limit."""
+        if not self.minutes or self.epoch_start is None or done >= cfg.epochs:
             return cfg
-        now = self.clock()   # under torchrun every rank takes the same decision: the ranks' mean
-        per_epoch = distributed.all_reduce_mean(now - self.epoch_start)
-        left = distributed.all_reduce_mean(self.minutes * 60 - (now - self.start))
-        epochs = min(cfg.epochs, max(done, done + int(left // max(per_epoch, 1e-9))))
-        self.schedule = {"epochs": epochs}
-        if epochs == cfg.epochs:
+        now = self.clock()
+        self.epoch_times.append(now - self.epoch_start)
+        self.epoch_start = None
+        # under torchrun every rank takes the same decision: the ranks' mean
+        per_epoch = distributed.all_reduce_mean(sum(self.epoch_times) / len(self.epoch_times))
+        elapsed = distributed.all_reduce_mean(now - self.start)
+        if elapsed + per_epoch <= self.minutes * 60:
             return cfg
+        self.schedule = {"epochs": done}
         if distributed.is_main_process():
-            drop = (f"the lr drop after epoch {cfg.lr_drop} falls away" if cfg.lr_drop >= epochs
-                    else f"the lr drops after epoch {cfg.lr_drop}")
-            print(f"time limit: an epoch takes {per_epoch:.0f} s here, so {epochs} of the {cfg.epochs} "
-                  f"epochs fit in {self.minutes:g} minutes ({drop}); --time_limit 0 trains all "
-                  f"{cfg.epochs}", flush=True)
-        return dataclasses.replace(cfg, epochs=epochs)
+            print(f"time limit: an epoch takes {per_epoch:.0f} s here and {elapsed / 60:.1f} of the "
+                  f"{self.minutes:g} minutes have passed, so the run stops after {done} of its "
+                  f"{cfg.epochs} epochs" + (f" (before the lr drop after epoch {cfg.lr_drop})"
+                                            if cfg.lr_drop >= done and cfg.lr_drop < cfg.epochs else "")
+                  + f"; --time_limit 0 trains all {cfg.epochs}", flush=True)
+        return dataclasses.replace(cfg, epochs=done)
 
     def checkpoint_entry(self):
         return {"schedule": self.schedule} if self.schedule else {}

@@ -294,19 +294,22 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 # ---- --time_limit: the preset's epochs, or as many as fit ----
 
 class FakeClock:
-    """time.time for TimeLimit: 0, 1000, 2000, ... seconds, one step per reading."""
-    def __init__(self):
+    """time.time for TimeLimit: the readings given, or 0, 1000, 2000, ... seconds."""
+    def __init__(self, readings=None):
+        self.readings = list(readings) if readings else None
         self.now = -1000.0
 
     def __call__(self):
+        if self.readings is not None:
+            return self.readings.pop(0)
         self.now += 1000.0
         return self.now
 
 
-def test_time_limit_cuts_the_epochs(monkeypatch):
-    """By hand: started at 0, epoch began at 1000 s and its evaluation ended at 2000 s, so an
-    epoch takes 1000 s and 4500 - 2000 = 2500 s are left: 2 more epochs, 3 in all. A limit
-    that holds every epoch changes nothing."""
+def test_time_limit_stops_when_another_epoch_would_not_fit(monkeypatch):
+    """By hand, the run started at 0: epoch 1 ran 1000-2000 s (t = 2000, 2000 + 1000 <= 4500:
+    go on), epoch 2 ran 3000-4000 s (t = 4000, 4000 + 1000 > 4500: stop after 2 of 10; the drop
+    after 8 never comes)."""
     from minidetr import Config
 
     cfg = Config.for_variant("dn", "tiny", time_limit=4500 / 60)
@@ -314,17 +317,27 @@ def test_time_limit_cuts_the_epochs(monkeypatch):
     monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
     limit = engine.TimeLimit(cfg)
     limit.epoch_begins()
-    cut = limit.fit(cfg, 1)
-    assert (cut.epochs, cut.lr_drop) == (3, 8)           # the drop after 8 falls away
-    assert limit.checkpoint_entry() == {"schedule": {"epochs": 3}}
-    assert limit.fit(cut, 2) is cut                      # decided once
-    assert engine.TimeLimit(cfg, {"schedule": {"epochs": 3}}).resumed(cfg) == cut
-
-    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
-    roomy = Config.for_variant("dn", "tiny", time_limit=20000 / 60)   # 18,000 s left: 18 epochs
-    limit = engine.TimeLimit(roomy)
+    assert limit.fit(cfg, 1) is cfg and limit.checkpoint_entry() == {}
     limit.epoch_begins()
-    assert limit.fit(roomy, 1) is roomy and limit.schedule == {"epochs": 10}
+    cut = limit.fit(cfg, 2)
+    assert (cut.epochs, cut.lr_drop) == (2, 8)
+    assert limit.checkpoint_entry() == {"schedule": {"epochs": 2}}
+    assert engine.TimeLimit(cfg, {"schedule": {"epochs": 2}}).resumed(cfg) == cut
+
+
+@pytest.mark.parametrize("limit_s, stops", [(6200, True), (6700, False)])
+def test_time_limit_takes_the_mean_epoch(monkeypatch, limit_s, stops):
+    """Epochs of 1000 s and 2000 s, t = 5000 s after the second: the mean (1500) says 6500 s,
+    the first alone 6000, the last alone 7000; a limit of 6200 s stops, 6700 goes on."""
+    from minidetr import Config
+
+    cfg = Config.for_variant("dn", "tiny", time_limit=limit_s / 60)
+    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock([0, 1000, 2000, 3000, 5000]))
+    limit = engine.TimeLimit(cfg)
+    limit.epoch_begins()
+    assert limit.fit(cfg, 1) is cfg
+    limit.epoch_begins()
+    assert (limit.fit(cfg, 2).epochs == 2) == stops
 
 
 def test_time_limit_defaults():
@@ -333,23 +346,24 @@ def test_time_limit_defaults():
 
     def cfg(*argv):
         return config_from_args(train.get_args_parser().parse_args(["--variant", "dn", *argv]))
-    assert cfg().time_limit == 9.5
+    assert cfg().time_limit == 9.75
     assert cfg("--epochs", "3").time_limit == 0 and cfg("--max_steps", "10").time_limit == 0
     assert cfg("--epochs", "3", "--time_limit", "2").time_limit == 2
     assert cfg("--coco_path", "somewhere").time_limit == 0          # the paper preset: never
 
 
 def test_time_limit_cut_is_saved_and_a_resumed_run_keeps_it(tmp_path, monkeypatch, capsys):
-    """A run cut to 1 of its 2 epochs says so, stops after it, and a resumed run trains nothing."""
-    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())   # an epoch of 1000 s
+    """Started at 0, epoch 1 from 1000 to 2000 s with a limit of 2500 s: the run stops after 1
+    of its 2 epochs and says so; its checkpoint says so too, and a resumed run trains nothing."""
+    monkeypatch.setattr(engine.TimeLimit, "clock", FakeClock())
     out = str(tmp_path / "cut")
-    argv = DN + ["--output_dir", out, "--time_limit", str(2500 / 60)]   # 500 s left after it
+    argv = DN + ["--output_dir", out, "--time_limit", str(2500 / 60)]
     train.main(argv)
     printed = capsys.readouterr().out
     assert "2 epochs, or as many as fit in 41.6667 minutes on this machine (--time_limit)" in printed
-    assert "so 1 of the 2 epochs fit in 41.6667 minutes" in printed
+    assert ("time limit: an epoch takes 1000 s here and 33.3 of the 41.6667 minutes have passed, so the "
+            "run stops after 1 of its 2 epochs; --time_limit 0 trains all 2") in printed
     saved = load(os.path.join(out, "checkpoint.pth"))
-    assert saved["epoch"] == 1 and saved["schedule"] == {"epochs": 1}
-    assert saved["config"]["epochs"] == 1
+    assert saved["epoch"] == 1 and saved["schedule"] == {"epochs": 1} and saved["config"]["epochs"] == 1
     train.main(argv + ["--resume", os.path.join(out, "checkpoint.pth")])
     assert "nothing to train: the checkpoint has done 1 epochs and --epochs is 1" in capsys.readouterr().out
