@@ -38,6 +38,13 @@ Rows i >= P*M (the matching queries) have floor(i/M) >= P, so they see no dn slo
 dn queries may read the matching queries (nothing leaks that way), and within a group
 every slot sees every other, padding included (as DN-DETR's code does).
 
+Buckets (--dn_bucket N, off by default). group_size changes with the batch's largest object
+count, so the decoder's query count changes almost every batch: fine for eager PyTorch, a
+recompilation each time for torch.compile or CUDA graphs on a GPU. With a bucket, a group
+has ceil(max #objects / N) * N slots; the slots past the batch's max are masked out as keys
+for every query, so every real slot and every matching query computes what it computed
+without the bucket (to float rounding) and those extra slots are never supervised.
+
 Content queries. DN-DETR encodes the (noised) label with a learned embedding of width
 C - 1 and appends an indicator channel: 1 for dn queries, 0 for matching queries. The
 matching queries, whose class is unknown, get the embedding of an extra "unknown" class K
@@ -89,12 +96,14 @@ def noise_boxes(boxes, scale, center_scale=None, size_scale=None, generator=None
 
 # ---- the attention mask ----
 
-def dn_attention_mask(num_groups, group_size, num_queries, device=None):
+def dn_attention_mask(num_groups, group_size, num_queries, device=None, used=None):
     """Self-attention mask for [dn group 0 | ... | dn group G-1 | matching queries].
 
     Returns bool [P + Q, P + Q], P = num_groups * group_size, True = query i may NOT attend
     to key j (the convention of transformer.attention's attn_mask). P = 0 gives [Q, Q] all
-    False: then the decoder runs exactly as without denoising.
+    False: then the decoder runs exactly as without denoising. used: the slots of each group
+    the batch fills or pads without a bucket (the largest object count); the group's slots
+    past it (a bucket's) are hidden from every query. None: all group_size.
     """
     num_dn = num_groups * group_size
     total = num_dn + num_queries
@@ -109,7 +118,10 @@ def dn_attention_mask(num_groups, group_size, num_queries, device=None):
     # Keys among the matching queries (j >= P) are never blocked: nothing leaks that way.
     # No row is ever fully blocked (each sees its own group or the matching queries), so
     # the softmax never meets a row of only -inf.
-    return key_is_dn & other_group
+    blocked = key_is_dn & other_group
+    if used is not None and used < group_size:   # a bucket's extra slots: no query reads them
+        blocked |= rearrange((slot < num_dn) & (slot % group_size >= used), 'k -> 1 k')
+    return blocked
 
 
 # ---- bookkeeping: which slot holds which object, and splitting the outputs ----
@@ -160,6 +172,8 @@ class DenoisingQueries:
     num_groups, group_size: G and s, so P = pad_size = G * s.
     num_dn:  number of real dn queries in the batch, sum_b n_b * G (DN-DETR's loss
              normaliser, counted on this process only).
+    used:    the slots of a group the batch uses, its largest object count (< group_size
+             only with a bucket, whose extra slots the mask hides).
     """
     content: torch.Tensor
     boxes: torch.Tensor
@@ -167,6 +181,7 @@ class DenoisingQueries:
     num_groups: int
     group_size: int
     num_dn: int
+    used: int = None
 
     @property
     def pad_size(self):
@@ -176,7 +191,7 @@ class DenoisingQueries:
     def attn_mask(self, num_queries):
         """bool [P + Q, P + Q] decoder self-attention mask, True = blocked."""
         return dn_attention_mask(self.num_groups, self.group_size, num_queries,
-                                 self.content.device)
+                                 self.content.device, used=self.used)
 
 
 class Denoiser(nn.Module):
@@ -188,9 +203,10 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, num_classes, hidden_dim, num_groups=5, label_noise_prob=0.2,
-                 box_noise_scale=0.4):
+                 box_noise_scale=0.4, bucket=0):
         super().__init__()
         self.num_classes, self.hidden_dim, self.num_groups = num_classes, hidden_dim, num_groups
+        self.bucket = bucket   # --dn_bucket: group slots a multiple of it (0: the batch's max)
         self.label_noise_prob, self.box_noise_scale = label_noise_prob, box_noise_scale
         # K real classes + the "unknown" class K; width C - 1 leaves room for the indicator.
         # nn.Embedding's N(0, 1) init, as DN-DETR.
@@ -239,7 +255,8 @@ class Denoiser(nn.Module):
         """
         device = self.label_enc.weight.device
         num_objects = [len(t["labels"]) for t in targets]
-        group_size = max(num_objects, default=0)
+        used = max(num_objects, default=0)
+        group_size = -(-used // self.bucket) * self.bucket if self.bucket else used
         pad_size = self.num_groups * group_size
         indices = dn_indices(num_objects, self.num_groups, group_size, device)
         batch_idx, slot_idx, labels, boxes = _gather_targets(targets, indices, device)
@@ -254,7 +271,7 @@ class Denoiser(nn.Module):
         dn_boxes = boxes.new_full((len(targets), pad_size, 4), 0.5)    # [B, P, 4] cxcywh
         dn_boxes[batch_idx, slot_idx] = boxes
         return DenoisingQueries(content, dn_boxes, indices, self.num_groups, group_size,
-                                num_dn=sum(num_objects) * self.num_groups)
+                                num_dn=sum(num_objects) * self.num_groups, used=used)
 
 
 def _gather_targets(targets, indices, device):

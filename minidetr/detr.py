@@ -206,7 +206,7 @@ def build(cfg="detr", preset="paper", **overrides):
     encoder = parts.get("encoder") or build_encoder(cfg)
     denoiser = Denoiser(cfg.num_classes, cfg.hidden_dim, num_groups=cfg.scalar,
                         label_noise_prob=cfg.label_noise_scale,
-                        box_noise_scale=cfg.box_noise_scale) if cfg.dn else None
+                        box_noise_scale=cfg.box_noise_scale, bucket=cfg.dn_bucket) if cfg.dn else None
     model = DETR(backbone, input_proj, PositionEmbeddingSine(cfg.hidden_dim // 2, cfg.pe_temperature),
                  encoder, parts["queries"], parts["decoder"], class_embed, bbox_embed,
                  aux_loss=cfg.aux_loss, denoiser=denoiser, encoder_inputs=parts.get("encoder_inputs"),

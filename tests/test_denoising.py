@@ -271,3 +271,52 @@ def test_denoiser_without_groups():
     dn = Denoiser(7, 16, num_groups=0)(make_targets([3, 1]))
     assert dn.pad_size == 0 and dn.num_dn == 0 and dn.content.shape == (2, 0, 16)
     assert not dn.attn_mask(5).any()
+
+
+# ---- --dn_bucket: static query counts, the same numbers ----
+
+def test_bucket_mask_hand_example():
+    """2 groups of 3 slots of which the batch uses 2 (a bucket of 3) + 1 matching query: the
+    third slot of each group (columns 2 and 5) is hidden from every query, the rest as without."""
+    expected = torch.tensor([
+        # group 0  group 1  matching
+        [0, 0, 1,  1, 1, 1,  0],
+        [0, 0, 1,  1, 1, 1,  0],
+        [0, 0, 1,  1, 1, 1,  0],
+        [1, 1, 1,  0, 0, 1,  0],
+        [1, 1, 1,  0, 0, 1,  0],
+        [1, 1, 1,  0, 0, 1,  0],
+        [1, 1, 1,  1, 1, 1,  0],
+    ], dtype=torch.bool)
+    assert torch.equal(dn_attention_mask(2, 3, 1, used=2), expected)
+
+
+def test_bucket_changes_no_output_of_a_real_slot_or_a_matching_query():
+    """dn (small) with and without --dn_bucket 4 on batches of 1-3 objects, the same weights and
+    noise: the matching queries' outputs and the real dn slots' (read through each run's own
+    indices) agree to float rounding, and so do the losses; only the query count is static."""
+    import minidetr
+    SMALL = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2,
+                 num_queries=6, num_select=6, backbone_precision="fp32", num_classes=7)
+    torch.manual_seed(0)
+    plain, criterion, _ = minidetr.build("dn", preset="tiny", **SMALL)
+    bucketed, _, _ = minidetr.build("dn", preset="tiny", dn_bucket=4, **SMALL)
+    bucketed.load_state_dict(plain.state_dict())
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    for counts in ([1, 3], [2, 2], [3, 0]):
+        targets = make_targets(counts)
+        out = {}
+        for name, model in (("plain", plain), ("bucketed", bucketed)):
+            torch.manual_seed(1)   # the same noise: the draws do not depend on the bucket
+            out[name] = model.train()(images, mask, targets)
+            out[name]["loss"] = criterion(out[name], targets)
+        a, b = out["plain"], out["bucketed"]
+        assert b["dn"]["pred_logits"].shape[1] == 4 * 5 and a["dn"]["pred_logits"].shape[1] == max(counts) * 5
+        torch.testing.assert_close(b["pred_logits"], a["pred_logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(b["pred_boxes"], a["pred_boxes"], rtol=0, atol=1e-5)
+        for key in ("pred_logits", "pred_boxes"):
+            for image, ((slots_a, _), (slots_b, _)) in enumerate(zip(a["dn"]["indices"], b["dn"]["indices"])):
+                torch.testing.assert_close(b["dn"][key][image, slots_b], a["dn"][key][image, slots_a],
+                                           rtol=0, atol=1e-5)
+        for name in a["loss"]:
+            torch.testing.assert_close(b["loss"][name], a["loss"][name], rtol=0, atol=1e-5)
