@@ -127,7 +127,11 @@ class SMCAMultiScaleEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, dim_feedforward, dropout, activation)
                                     for _ in pattern)
         self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
-        nn.init.normal_(self.level_embed)     # as the reference (after its xavier pass)
+        # drawn here so that the encoder works on its own; build() draws it once more after its
+        # xavier pass, the reference's order. Both draws stay: dropping one would shift every
+        # later tensor's random numbers, and the built models (and every run measured with
+        # them) would no longer be the same bit for bit
+        nn.init.normal_(self.level_embed)
 
     def forward(self, src, pos, pad_mask, spatial_shapes):
         """src, pos: [B, N, C]; pad_mask: [B, N] True on padding; spatial_shapes: S (y, x).
