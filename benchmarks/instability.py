@@ -101,11 +101,12 @@ def plot(inst, out_png):
     if plt is None or not inst:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for without, with_dn in PAIRS:
+    for color, (without, with_dn) in zip(("C0", "C1", "C2"), PAIRS):   # a pair, one colour
         for name, style in ((without, "--"), (with_dn, "-")):
             if name in inst:
                 steps = sorted(inst[name])
-                ax.plot(steps, [sum(inst[name][s]) / len(inst[name][s]) for s in steps], style, label=name)
+                ax.plot(steps, [sum(inst[name][s]) / len(inst[name][s]) for s in steps], style,
+                        color=color, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("ground truths on another query")
     ax.set_title("Matching instability (dashed: without denoising)")
