@@ -59,6 +59,7 @@ class Run(NamedTuple):
     val_set: object
     model: torch.nn.Module        # DDP-wrapped under torchrun
     raw_model: torch.nn.Module    # the model itself: what a checkpoint holds
+    n_parameters: int             # trainable, counted once (printed, and in every log line)
     criterion: torch.nn.Module
     postprocess: torch.nn.Module
     optimizer: object
@@ -134,8 +135,8 @@ def prepare(args):
     start = (ckpt.get("epoch", 0), ckpt.get("step", 0)) if ckpt else (cfg.start_epoch, 0)
     # --log_instability: DN-DETR's matching instability at each evaluation (off: does nothing)
     instability = InstabilityLog.for_run(cfg, train_set, criterion.matcher, device, ckpt)
-    return Run(cfg, device, out_dir, train_set, val_set, model, raw_model, criterion, postprocess,
-               optimizer, scheduler, scaler, start, time_limit, instability)
+    return Run(cfg, device, out_dir, train_set, val_set, model, raw_model, n_parameters, criterion,
+               postprocess, optimizer, scheduler, scaler, start, time_limit, instability)
 
 
 def evaluate_run(run):
@@ -188,7 +189,7 @@ def train(run):
             if progress.should_evaluate(finished):
                 eval_start = time.time()
                 result = evaluate_run(run)
-                log = epoch_log(train_stats, result, progress, finished, run.raw_model)
+                log = epoch_log(train_stats, result, progress, finished, run.n_parameters)
                 log.update(epoch_time=round(time.time() - loop_start, 1),   # since the loop started
                            eval_time=round(time.time() - eval_start, 2), **instability.log_entry())
                 if distributed.is_main_process():
@@ -205,7 +206,7 @@ def train(run):
     return result
 
 
-def epoch_log(train_stats, result, progress, finished, model):
+def epoch_log(train_stats, result, progress, finished, n_parameters):
     """log.txt's line for an evaluation: official DETR's keys, then minidetr's own."""
     return {**{f"train_{k}": v for k, v in train_stats.items()},
             **{f"test_{k}": v for k, v in result["losses"].items()},
@@ -215,7 +216,7 @@ def epoch_log(train_stats, result, progress, finished, model):
                                      for k, v in result["per_class"].items()},
             "epoch": progress.epoch - 1 if finished else progress.epoch,
             "step": progress.global_step,
-            "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "n_parameters": n_parameters,
             # speed: the epoch's median step (loading + training) and the evaluation's images/s
             "step_time_median": round(statistics.median(progress.step_times), 4)
             if progress.step_times else None,
