@@ -54,8 +54,9 @@ def start(config, seed, core=None):
     out.mkdir(parents=True, exist_ok=True)
     if (out / "log.txt").exists():   # a new run, not a resumed one: its log starts empty
         (out / "log.txt").unlink()
-    return subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT,
-                            stdout=open(out / "stdout.txt", "w"), stderr=subprocess.STDOUT)
+    with open(out / "stdout.txt", "w") as stdout:   # the child keeps its own copy of the handle
+        return subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT, stdout=stdout,
+                                stderr=subprocess.STDOUT)
 
 
 def record(walls, name, seconds):
