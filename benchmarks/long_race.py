@@ -70,6 +70,13 @@ RUNS = {
     # SMCA's multi-scale encoder reads C4, C5 and C5 downsampled (strides 16, 32, 64 of the
     # same ResNet-18): the paper's levels, not the stride-8 map of the others. Last: costliest.
     "smca_ms": ["--variant", "smca", "--smca_multiscale"],
+    # the released code's multi-scale form (issue 27): strides 8, 16, 32, 64 and an encoder of
+    # depthwise convolutions instead of self-attention (smca.ConvMixLayer)
+    "smca_ms_released": ["--variant", "smca", "--smca_multiscale", "--smca_ms_form", "released"],
+    # the same at the sizes the released code hard-codes (256 channels, 6 decoder layers), so
+    # that its official run (OFFICIAL below) is compared with minidetr at equal settings
+    "smca_ms_released_d256": ["--variant", "smca", "--smca_multiscale", "--smca_ms_form", "released",
+                              "--hidden_dim", "256", "--dec_layers", "6"],
 }
 BASELINE = "detr"
 # DETR 100 : the others 300 in the papers, for ~7 COCO objects per image; 10 : 30 here
@@ -85,6 +92,8 @@ PAPER = {
     "conditional": "0.15 (R50: 6.7x faster)",
     "smca": "~0.22 (single-scale, 108 of 500 epochs)",
     "smca_ms": "<= 0.10 (multi-scale: 43.7 AP at 50 epochs, DETR 42.0 at 500)",
+    "smca_ms_released": "<= 0.10 (the same figure: the paper does not say which form gave it)",
+    "smca_ms_released_d256": "<= 0.10 (the same)",
     "dn": "0.5 of DAB-DETR's (its baseline), not DETR's",
     "dab": "no DAB-vs-DETR figure here",
     "conditional_dn": "0.5 of Conditional DETR's (DN-DETR's claim for the model it is added to)",
@@ -94,7 +103,12 @@ ARCHIVE = ROOT / "benchmarks" / "long_race_logs"   # every finished chunk's log,
 # harness (benchmarks/official.py says what it is), at the race's configuration: the tiny
 # preset's sizes (official.COMMON) with the race's stage, queries and constant lr.
 OFFICIAL = {"detr": ("detr", []), "conditional": ("cond", ["--num_select", str(QUERIES["conditional"])]),
-            "dn": ("dn", ["--num_select", str(QUERIES["dn"]), "--modelname", "dn_dab_detr", "--use_dn"])}
+            "dn": ("dn", ["--num_select", str(QUERIES["dn"]), "--modelname", "dn_dab_detr", "--use_dn"]),
+            # the released multi-scale code (--refs_smca_released): it picks its own stages
+            # (layer2-4, so no --stage) and hard-codes 256 channels and 6 decoder layers
+            "smca_ms_released_d256": ("smca", ["--dynamic_scale", "type3", "--hidden_dim", "256",
+                                               "--dec_layers", "6"])}
+OWN_STAGES = {"smca_ms_released_d256"}   # run through smca_released_launch.py (it says why)
 
 
 # ---- the convergence rule and the schedule (pure functions; tests/test_benchmarks.py) ----
@@ -159,8 +173,11 @@ def official_argv(name, seed, folder, steps, args, done=0):
     harness_name, extra = OFFICIAL[name]
     common, i = list(COMMON), COMMON.index("--epochs")
     common[i + 1], common[common.index("--lr_drop") + 1] = str(EPOCHS), str(EPOCHS)
-    argv = [args.ref_python, args.harness, "--refs", args.refs, harness_name, "--coco_path",
-            str(coco_layout(args.out)), "--output_dir", str(folder), *common, "--stage", "layer2",
+    refs, launcher, stage = args.refs, [], ["--stage", "layer2"]
+    if name in OWN_STAGES:
+        refs, launcher, stage = args.refs_smca_released, [str(ROOT / "benchmarks" / "smca_released_launch.py")], []
+    argv = [args.ref_python, *launcher, args.harness, "--refs", refs, harness_name, "--coco_path",
+            str(coco_layout(args.out)), "--output_dir", str(folder), *common, *stage,
             "--num_queries", str(QUERIES[name]), *extra, "--max_steps", str(steps)]
     if (Path(folder) / "checkpoint.pth").exists():   # the official main.py's own resume
         return argv + ["--seed", str(seed + done), "--resume", str(Path(folder) / "checkpoint.pth")]
@@ -457,9 +474,14 @@ def get_args(argv=None):
     p.add_argument("--refs", help="folder with the official repositories (see official.py)")
     p.add_argument("--ref_python", help="the Python of the official code's environment")
     p.add_argument("--harness", help="the reference-training harness's ref_train.py")
+    p.add_argument("--refs_smca_released", help="a folder whose SMCA-DETR/ is SMCA's released multi-scale "
+                   "code (folder DMS-MH-GMCA-main_very_important of Multi_scale_SMCA.zip in "
+                   "gaopengcuhk/SMCA-DETR), for --official smca_ms_released_d256")
     args = p.parse_args(argv)
     if args.official and not (args.refs and args.ref_python and args.harness) and not args.report_only:
         p.error("--official needs --refs, --ref_python and --harness")
+    if set(args.official) & OWN_STAGES and not args.refs_smca_released and not args.report_only:
+        p.error("--official smca_ms_released_d256 needs --refs_smca_released")
     if args.chunk % STEPS_PER_EPOCH:
         p.error(f"--chunk must be a multiple of {STEPS_PER_EPOCH} (one epoch)")
     if args.cap < args.chunk or args.cap % STEPS_PER_EPOCH:

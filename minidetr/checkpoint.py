@@ -283,7 +283,7 @@ def _tuplify(x):
 # under others (num_classes is checked once the dataset has set it)
 MODEL_KEYS = ("variant", "preset", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim",
               "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
-              "smca_scale", "smca_multiscale")
+              "smca_scale", "smca_multiscale", "smca_ms_form")
 
 
 def read_resume(path, cfg):

@@ -73,6 +73,9 @@ class Config:
     smooth: float = _f(8.0, "SMCA beta: the Gaussian's width factor")
     smca_scale: str = _f("xy", "SMCA scale: fixed | shared (one per head) | xy (per head and axis)")
     smca_multiscale: bool = _f(False, "SMCA multi-scale encoder and scale selection")
+    smca_ms_form: str = _f("paper", "SMCA multi-scale form: paper (Sec. 3.3: intra- and multi-scale "
+                                    "self-attention over strides 16/32/64) | released (the released "
+                                    "code: a depthwise-convolution encoder over strides 8/16/32/64)")
     # ---- denoising ----
     scalar: int = _f(5, "denoising groups (DN-DETR's --scalar)")
     dn_bucket: int = _f(0, "slots of a denoising group: a multiple of N (static query counts for "
@@ -164,6 +167,13 @@ class Config:
             raise ValueError(f"--amp must be none, bf16 or fp16, not {self.amp!r}")
         if self.smca_scale not in ("fixed", "shared", "xy"):
             raise ValueError(f"--smca_scale must be fixed, shared or xy, not {self.smca_scale!r}")
+        if self.smca_ms_form not in ("paper", "released"):
+            raise ValueError(f"--smca_ms_form must be paper or released, not {self.smca_ms_form!r}")
+        if self.smca_ms_form == "released" and not self.smca_multiscale:
+            raise ValueError("--smca_ms_form released chooses a multi-scale form: add --smca_multiscale")
+        if self.smca_ms_form == "released" and self.dilation:
+            raise ValueError("--smca_ms_form released halves each level into the next (stride 8, 16, "
+                             "32, 64): it cannot run with --dilation, which keeps layer4 at stride 16")
         if self.backbone_stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise ValueError(f"--backbone_stage must be layer1..layer4, not {self.backbone_stage!r}")
         if self.position_embedding != "sine":

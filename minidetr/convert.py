@@ -25,6 +25,11 @@ Official name (prefix)                       minidetr name
       norm2 (encoder) / norm3 (decoder)      ffn.norm                 (the FFN's post-norm)
       norm4, point1..point4 (SMCA)           query_norm, centre_head, offset_head, scale_head,
                                              scale_select_head (SMCA_HEADS)
+  SMCA's released multi-scale code (Multi_scale_SMCA.zip; our --smca_ms_form released):
+      input_proj_512/1024/2048, input_proj_2048_3   input_proj.proj.0/1/2, input_proj.extra
+      encoder: self_attn_8..64, high_to_low_1..3,   within.0..3, down.0..2, up.0..2,
+               low_to_high_1..3, conv_1, conv_2     in_proj, out_proj (RELEASED_MS_ENCODER)
+      transformer.conv, transformer.level_embed     encoder.memory_down, encoder.level_embed
   transformer.encoder.query_scale (DAB, DN)  encoder.pos_scale
   transformer.decoder.ref_point_head         queries.ref_point_head (Conditional: it makes the
                                              queries' reference points) | decoder.ref_point_head
@@ -34,7 +39,8 @@ Every tensor must land in the model `build(cfg)` makes, with its shape, and ever
 tensor must be filled; otherwise ValueError names the keys. BatchNorm step counters
 (num_batches_tracked) are dropped: a frozen BatchNorm has none.
 
-Variants: detr, conditional (alias cond), smca (single scale, any --dynamic_scale but type4),
+Variants: detr, conditional (alias cond), smca (single scale, any --dynamic_scale but type4; the
+released multi-scale code's files, read as --smca_ms_form released, with type3),
 dn (DN-DETR's dn_dab_detr) and dab (DAB-DETR's dab_detr = our 'dab': 'dn' without denoising).
 
     python -m minidetr.convert --variant detr --src detr-r50-e632da11.pth --dst detr-r50.pth
@@ -136,8 +142,10 @@ def config_from_official_args(args, variant, state_dict=None):
         settings.update(num_select=100, focal_alpha=args.get("focal_alpha", 0.25),
                         cls_loss_coef=args.get("cls_loss_coef", 2.0))
     elif variant == "smca":
+        released_ms = state_dict is not None and RELEASED_MS_MARKER in state_dict
         settings.update(num_select=settings.get("num_queries", 300), focal_alpha=0.25,
-                        cls_loss_coef=2.0, smooth=args.get("smooth", 8.0), smca_multiscale=False,
+                        cls_loss_coef=2.0, smooth=args.get("smooth", 8.0), smca_multiscale=released_ms,
+                        smca_ms_form="released" if released_ms else "paper",
                         smca_scale=SMCA_SCALES[args.get("dynamic_scale", "type3")])
     else:   # dn, dab: DAB-DETR's sine temperature, FFN activation and top-k
         settings.update({k: args[k] for k in ("focal_alpha", "cls_loss_coef", "num_select", "scalar",
@@ -176,8 +184,9 @@ def infer_official_args(state_dict, variant):
     args = dict(backbone=RESNET_LAYOUTS[blocks, bottleneck],
                 enc_layers=count("transformer.encoder.layers."),
                 dec_layers=count("transformer.decoder.layers."))
-    if "input_proj.weight" in sd:
-        args["hidden_dim"] = sd["input_proj.weight"].shape[0]
+    for name in ("input_proj.weight", RELEASED_MS_MARKER):
+        if name in sd:
+            args["hidden_dim"] = sd[name].shape[0]
     for name in ("transformer.encoder.layers.0.linear1.weight", "transformer.decoder.layers.0.linear1.weight"):
         if name in sd:
             args["dim_feedforward"] = sd[name].shape[0]
@@ -189,8 +198,9 @@ def infer_official_args(state_dict, variant):
         prelu = any(k.endswith(".activation.weight") for k in sd)
         args["transformer_activation"] = "prelu" if prelu else "relu"
     if variant == "smca" and "transformer.decoder.layers.0.point2.weight" in sd:
-        heads = sd["transformer.decoder.layers.0.point2.weight"].shape[0] // 2
-        per_head = sd.get("transformer.decoder.layers.0.point3.weight", torch.empty(0)).shape[0] // heads
+        levels = 4 if RELEASED_MS_MARKER in sd else 1   # (dx, dy) per head and level
+        heads = sd["transformer.decoder.layers.0.point2.weight"].shape[0] // (2 * levels)
+        per_head = sd.get("transformer.decoder.layers.0.point3.weight", torch.empty(0)).shape[0] // (heads * levels)
         args.update(nheads=heads, dynamic_scale=f"type{per_head + 1}")
     return args
 
@@ -200,6 +210,15 @@ def infer_official_args(state_dict, variant):
 # SMCA-DETR's decoder-layer names -> ours (what each predicts, smca.SMCADecoderLayer)
 SMCA_HEADS = {"norm4": "query_norm", "point1": "centre_head", "point2": "offset_head",
               "point3": "scale_head", "point4": "scale_select_head"}
+# SMCA's released multi-scale code (Multi_scale_SMCA.zip): its encoder layer's convolutions
+# and its input projections -> ours (smca.ConvMixLayer, smca.SMCAConvEncoder, MultiScaleProjection)
+RELEASED_MS_MARKER = "input_proj_512.weight"
+RELEASED_MS_ENCODER = {**{f"self_attn_{s}": f"within.{i}" for i, s in enumerate((8, 16, 32, 64))},
+                       **{f"high_to_low_{i + 1}": f"down.{i}" for i in range(3)},
+                       **{f"low_to_high_{i + 1}": f"up.{i}" for i in range(3)},
+                       "conv_1": "in_proj", "conv_2": "out_proj"}
+RELEASED_MS_INPUT = {"input_proj_512": "proj.0", "input_proj_1024": "proj.1", "input_proj_2048": "proj.2",
+                     "input_proj_2048_3": "extra"}
 
 
 def _rules(variant):
@@ -209,6 +228,11 @@ def _rules(variant):
     return [
         (r"backbone\.0\.body\.(.+)", r"backbone.body.\1"),
         (r"input_proj\.(weight|bias)", r"input_proj.proj.0.\1"),
+        *[(rf"{official}\.(weight|bias)", rf"input_proj.{ours}.\1") for official, ours in RELEASED_MS_INPUT.items()],
+        (r"transformer\.conv\.(weight|bias)", r"encoder.memory_down.\1"),
+        (r"transformer\.level_embed", r"encoder.level_embed"),
+        *[(rf"transformer\.encoder\.layers\.(\d+)\.{official}\.(.+)", rf"encoder.layers.\1.{ours}.\2")
+          for official, ours in RELEASED_MS_ENCODER.items()],
         (r"(query_embed|refpoint_embed)\.weight", r"queries.\1.weight"),
         (r"label_enc\.weight", r"denoiser.label_enc.weight"),
         (r"(class_embed|bbox_embed)\.(.+)", r"\1.\2"),

@@ -98,7 +98,10 @@ class DETR(nn.Module):
             pads.append(rearrange(level_mask, 'b y x -> b (y x)'))
         src, pos, pad_mask = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)
         extra = self.encoder_inputs(mask, shapes) if self.encoder_inputs else {}
-        return self.encoder(src, pos, pad_mask, **extra), pos, pad_mask, shapes
+        memory = self.encoder(src, pos, pad_mask, **extra)
+        if hasattr(self.encoder, "memory_layout"):   # an encoder whose memory has other levels
+            pos, pad_mask, shapes = self.encoder.memory_layout(pos, pad_mask, shapes)   # (SMCA released)
+        return memory, pos, pad_mask, shapes
 
     def forward(self, images, mask, targets=None):
         memory, pos, pad_mask, shapes = self.encode(images, mask)

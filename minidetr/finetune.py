@@ -35,7 +35,7 @@ CLASS_KEYS = ("class_embed.weight", "class_embed.bias", "denoiser.label_enc.weig
 # settings that decide what the weights are and mean: the checkpoint's unless given
 ARCH_KEYS = ("variant", "dn", "backbone", "backbone_stage", "dilation", "hidden_dim", "nheads",
              "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "activation",
-             "smca_scale", "smca_multiscale", "smooth", "pe_temperature", "focal_alpha")
+             "smca_scale", "smca_multiscale", "smca_ms_form", "smooth", "pe_temperature", "focal_alpha")
 # of those, the ones a given flag may change (the rest would leave weights that do not
 # fit or mean nothing): fewer queries, denoising on or off, another SMCA beta
 MAY_CHANGE = ("dn", "num_queries", "smooth")

@@ -33,7 +33,9 @@ Differs from vanilla DETR in:
     checkpoints call them norm4, point2, point3, point1; convert.py renames them);
   - the box head predicts (cx, cy) as offsets, in logit space, from that centre (box_ref);
   - classification is sigmoid focal over the classes (set by the config, not here);
-  - optionally (smca_multiscale): strides 16/32/64, the intra/multi-scale encoder and Eq. 7-8.
+  - optionally (smca_multiscale): strides 16/32/64, the intra/multi-scale encoder and Eq. 7-8;
+    or, with smca_ms_form 'released', the released code's form: strides 8/16/32/64, an
+    encoder of depthwise convolutions (ConvMixLayer), Eq. 7-8 over four key levels.
 """
 from typing import NamedTuple
 
@@ -43,8 +45,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from minidetr.backbone import stage_strides
-from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, LearnedQueries,
-                                  MultiheadAttention, xavier_init)
+from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, FeedForward,
+                                  LearnedQueries, MultiheadAttention, xavier_init)
 
 SCALE_WIDTH = {"fixed": 0, "shared": 1, "xy": 2}   # scale_head outputs per head and scale level
 
@@ -78,11 +80,12 @@ def gaussian_log_weight(centers, scales, spatial_shape, beta):
 # ---- multi-scale input and encoder (Sec. 3.3) ----
 
 class MultiScaleProjection(nn.Module):
-    """C4, C5 -> three maps of width `dim` at strides 16, 32 and 64 (Sec. 3.3).
+    """Backbone stages -> maps of width `dim`, one per stage, plus one at twice C5's stride.
 
-    in_channels: (C4 channels, C5 channels), e.g. (1024, 2048) for ResNet-50. The stride-64
-    map is a 3x3 stride-2 conv on the raw C5 features, as in the released code (which also
-    uses a stride-8 level; the paper's three scales are 16, 32, 64, and so are ours).
+    in_channels: the stages' channels, e.g. (1024, 2048) for ResNet-50's C4, C5 (the paper's
+    strides 16, 32, 64) or (512, 1024, 2048) with C3 (the released code's 8, 16, 32, 64).
+    Each stage gets a 1x1 conv; the extra, coarsest map is a 3x3 stride-2 conv on the raw C5
+    features, as in the released code.
     """
 
     def __init__(self, in_channels, dim):
@@ -91,7 +94,7 @@ class MultiScaleProjection(nn.Module):
         self.extra = nn.Conv2d(in_channels[-1], dim, kernel_size=3, stride=2, padding=1)
 
     def forward(self, levels):
-        """levels: [(C4 [B, C4, y, x], mask), (C5, mask)] -> three (src [B, dim, y, x], mask)."""
+        """levels: [(C [B, Ci, y, x], mask), ..., (C5, mask)] -> one more (src [B, dim, y, x], mask)."""
         out = [(proj(feat), mask) for proj, (feat, mask) in zip(self.proj, levels)]
         c5, c5_mask = levels[-1]
         src = self.extra(c5)                                                   # stride 64
@@ -154,6 +157,111 @@ class SMCAMultiScaleEncoder(nn.Module):
         return src
 
 
+# ---- the released code's multi-scale encoder: depthwise convolutions, no attention ----
+
+class ConvMixLayer(nn.Module):
+    """One layer of the released multi-scale encoder: each level mixed by convolutions with itself
+    and with its neighbours, then DETR's FFN.
+
+    The released code (Multi_scale_SMCA.zip in gaopengcuhk/SMCA-DETR, folder
+    DMS-MH-GMCA-main_very_important, models/transformer.py: TransformerEncoderLayer, the path
+    its encoder takes) keeps DETR's layer shape but replaces the self-attention by
+    convolutions. Levels l = 0 .. S-1, finest first; x_l [B, C, y_l, x_l], p_l its positions
+    (with the level embedding):
+
+        a_l    = DW_l(P_in(x_l + p_l))           P_in: 1x1 conv (one for all levels);
+                                                 DW_l: depthwise 5x5 conv of level l
+        down_l = DWdown_l(a_{l-1})               (l > 0)   depthwise 5x5, stride 2: the finer
+                                                           level brought down to this one
+        up_l   = bilinear(DWup_l(a_{l+1}))       (l < S-1) depthwise 5x5 at the coarser level,
+                                                           then resized to this one (align corners)
+        x_l    = LN1(x_l + P_out(a_l + down_l + up_l))     P_out: 1x1 conv (one for all levels)
+        x_l    = FFN(x_l)                        DETR's Eq. (4), one for all levels
+
+    So information travels one level per layer, and only through 5x5 windows: with one
+    layer, a cell sees 5x5 cells of its own level and of its two neighbours. The padding
+    mask is not used (the convolutions read padded cells too), as in the released code.
+    The released names: self_attn_8 .. self_attn_64 (our within), high_to_low_1..3 (down),
+    low_to_high_1..3 (up), conv_1 (in_proj), conv_2 (out_proj); convert.py maps them.
+    """
+
+    def __init__(self, dim, dim_feedforward, dropout, num_levels, activation="relu", kernel=5):
+        super().__init__()
+
+        def depthwise(stride=1):   # one 5x5 filter per channel: mixes positions, not channels
+            return nn.Conv2d(dim, dim, kernel, stride=stride, padding=kernel // 2, groups=dim)
+
+        self.in_proj, self.out_proj = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+        self.within = nn.ModuleList(depthwise() for _ in range(num_levels))
+        self.down = nn.ModuleList(depthwise(stride=2) for _ in range(num_levels - 1))
+        self.up = nn.ModuleList(depthwise() for _ in range(num_levels - 1))
+        self.norm1, self.dropout = nn.LayerNorm(dim), nn.Dropout(dropout)
+        self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
+
+    def forward(self, maps, pos_maps):
+        """maps, pos_maps: per level [B, C, y_l, x_l], finest first -> the new maps."""
+        a = [within(self.in_proj(x + p)) for within, x, p in zip(self.within, maps, pos_maps)]
+        out = []
+        for l, x in enumerate(maps):
+            mixed = a[l]
+            if l > 0:                                  # from the finer level: stride-2 conv
+                mixed = mixed + self.down[l - 1](a[l - 1])
+            if l < len(maps) - 1:                      # from the coarser level: conv, then resize
+                mixed = mixed + F.interpolate(self.up[l](a[l + 1]), size=x.shape[-2:],
+                                              mode="bilinear", align_corners=True)
+            tokens = rearrange(x + self.dropout(self.out_proj(mixed)), 'b c y x -> b (y x) c')
+            tokens = self.ffn(self.norm1(tokens))
+            out.append(rearrange(tokens, 'b (y x) c -> b c y x', y=x.shape[-2]))
+        return out
+
+
+class SMCAConvEncoder(nn.Module):
+    """The released multi-scale encoder: ConvMixLayers over four levels (strides 8, 16, 32, 64),
+    then the stride-8 level brought to stride 16 for the decoder.
+
+    The released model's decoder reads four key sets: the stride-8 memory after a 3x3
+    stride-2 conv (memory_down, the released Transformer.conv), and the stride-16, 32 and 64
+    memories. The downsampled level takes the stride-16 level's place in the layout (its
+    positions, padding and grid): `memory_layout` gives the decoder that layout.
+    """
+
+    def __init__(self, dim, dim_feedforward, dropout, num_layers, num_levels=4, activation="relu"):
+        super().__init__()
+        self.layers = nn.ModuleList(ConvMixLayer(dim, dim_feedforward, dropout, num_levels, activation)
+                                    for _ in range(num_layers))
+        self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
+        nn.init.normal_(self.level_embed)
+        self.memory_down = nn.Conv2d(dim, dim, 3, stride=2, padding=1)
+
+    def forward(self, src, pos, pad_mask, spatial_shapes):
+        """src, pos: [B, N, C], the levels' tokens finest first; pad_mask: unused (see
+        ConvMixLayer); spatial_shapes: the levels' (y, x). Returns memory [B, N', C] in the
+        layout of memory_layout: the stride-8 level downsampled, then the other levels."""
+        if len(spatial_shapes) != len(self.level_embed):
+            raise ValueError(f"expected {len(self.level_embed)} levels, got {len(spatial_shapes)}")
+        sizes = [y * x for y, x in spatial_shapes]
+
+        def to_maps(tokens):
+            return [rearrange(t, 'b (y x) c -> b c y x', y=y, x=x)
+                    for t, (y, x) in zip(tokens.split(sizes, 1), spatial_shapes)]
+
+        maps = to_maps(src)
+        pos_maps = [p + rearrange(e, 'c -> c 1 1') for p, e in zip(to_maps(pos), self.level_embed)]
+        for layer in self.layers:
+            maps = layer(maps, pos_maps)
+        maps[0] = self.memory_down(maps[0])            # stride 8 -> 16: [B, C, y_1, x_1]
+        return torch.cat([rearrange(m, 'b c y x -> b (y x) c') for m in maps], 1)
+
+    @staticmethod
+    def memory_layout(pos, pad_mask, spatial_shapes):
+        """The decoder's key layout: (pos, pad_mask, spatial_shapes) with the finest level's
+        entries replaced by the next level's, where its downsampled memory now lives."""
+        sizes = [y * x for y, x in spatial_shapes]
+        pos_l, pad_l = pos.split(sizes, 1), pad_mask.split(sizes, 1)
+        return (torch.cat([pos_l[1], *pos_l[1:]], 1), torch.cat([pad_l[1], *pad_l[1:]], 1),
+                [spatial_shapes[1], *spatial_shapes[1:]])
+
+
 # ---- the decoder ----
 
 class MultiScalePrior(NamedTuple):
@@ -213,15 +321,18 @@ class SMCADecoderLayer(DecoderLayer):
     (one scale per head, scale_head = Linear(C, h)) or 'xy' (s_x, s_y per head, Linear(C, 2h);
     the reference's README setting `--dynamic_scale type3`). beta: Eq. (4)'s constant.
     num_levels > 1: per-scale offsets and scales, scale_select_head (Eq. 7) and Eq. (8).
+    level_weights: a factor per level on log G (the released multi-scale code's 0.5, 0.5, 1, 2:
+    the Gaussian narrower, in cells, on the coarser maps); None = 1 everywhere (the paper).
     The reference names these heads norm4 and point1..point4; convert.py maps them here.
     """
 
     def __init__(self, dim, heads, dim_feedforward, dropout=0.1, activation="relu", *,
-                 predicts_centre, scale="xy", beta=8.0, num_levels=1):
+                 predicts_centre, scale="xy", beta=8.0, num_levels=1, level_weights=None):
         super().__init__(dim, heads, dim_feedforward, dropout, activation)
         if scale not in SCALE_WIDTH:
             raise ValueError(f"unknown smca_scale {scale!r}: expected one of {list(SCALE_WIDTH)}")
         self.heads, self.scale, self.beta, self.num_levels = heads, scale, beta, num_levels
+        self.level_weights = tuple(level_weights or (1.0,) * num_levels)
         self.predicts_centre = predicts_centre
         self.query_norm = nn.LayerNorm(dim)                   # O_q = query_norm(tgt + query_pos)
         if predicts_centre:
@@ -260,7 +371,7 @@ class SMCADecoderLayer(DecoderLayer):
             size = rearrange(grid_sizes[:, s], 'b xy -> b 1 1 xy').to(o.dtype)   # (W, H) in cells
             # Eq. (2), (6): (cw, ch) = (cw_n * W, ch_n * H), + (dx_m, dy_m) for head m
             centres = rearrange(centre, 'b q xy -> b q 1 xy') * size + offsets[s]   # [B, Q, h, 2] cells
-            log_g.append(gaussian_log_weight(centres, scales[s], shape, self.beta))
+            log_g.append(gaussian_log_weight(centres, scales[s], shape, self.beta) * self.level_weights[s])
         return log_g
 
     def forward(self, tgt, memory, *, memory_pos, query_pos, pad_mask=None, self_attn_mask=None,
@@ -341,36 +452,55 @@ def encoder_inputs(mask, spatial_shapes):
 SMCAQueries = LearnedQueries
 
 
+# the released multi-scale code's factors on each level's log G (its `distance_8 * 0.5, ...`),
+# levels at strides 16 (the stride-8 memory, downsampled), 16, 32, 64
+RELEASED_LEVEL_WEIGHTS = (0.5, 0.5, 1.0, 2.0)
+
+
 def build_parts(cfg, bbox_embed):
     """The SMCA pieces of the model from the config (the only place here that reads it).
 
     bbox_embed is unused (SMCA's box reference comes from the decoder). Returns
     dict(queries, decoder, decoder_inputs) and, with cfg.smca_multiscale, also encoder,
-    encoder_inputs, input_proj and return_layers (the backbone stages C4, C5).
+    encoder_inputs, input_proj and return_layers: the paper's form (smca_ms_form 'paper':
+    C4, C5, self-attention encoder, 3 levels) or the released code's ('released': C3, C4,
+    C5, ConvMixLayer encoder, 4 key levels in the decoder with RELEASED_LEVEL_WEIGHTS).
     """
     dim, heads = cfg.hidden_dim, cfg.nheads
-    levels = 3 if cfg.smca_multiscale else 1               # strides 16, 32, 64
+    released = cfg.smca_multiscale and cfg.smca_ms_form == "released"
+    levels = (4 if released else 3) if cfg.smca_multiscale else 1
     layers = [SMCADecoderLayer(dim, heads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
                                predicts_centre=(i == 0), scale=cfg.smca_scale, beta=cfg.smooth,
-                               num_levels=levels)
+                               num_levels=levels, level_weights=RELEASED_LEVEL_WEIGHTS if released else None)
               for i in range(cfg.dec_layers)]
     # Pixels per cell of each level. The reference divides by 32 even for DC5 (stride 16);
     # we use the real stride of the map the Gaussian is laid on. Multi-scale: C4, C5 and C5
-    # downsampled once more.
+    # downsampled once more (released: the stride-8 memory, downsampled, in front).
     stride = stage_strides(cfg.dilation)
-    strides = ([stride["layer3"], stride["layer4"], 2 * stride["layer4"]] if cfg.smca_multiscale
-               else [stride[cfg.backbone_stage]])
+    strides = [stride[cfg.backbone_stage]]
+    if cfg.smca_multiscale:
+        strides = [stride["layer3"], stride["layer4"], 2 * stride["layer4"]]
+        if released:
+            strides = [stride["layer3"]] + strides
     decoder = SMCADecoder(layers, dim, strides)
     xavier_init(decoder)                  # DETR's init first (the reference's _reset_parameters)
     for layer in decoder.layers:
         layer.reset_scale_head()          # then scale 1 at the start
     parts = dict(queries=SMCAQueries(cfg.num_queries, dim), decoder=decoder, decoder_inputs=decoder_inputs)
     if cfg.smca_multiscale:
-        encoder = SMCAMultiScaleEncoder(dim, heads, cfg.dim_feedforward, cfg.dropout,
-                                        encoder_pattern(cfg.enc_layers), levels, cfg.activation)
-        xavier_init(encoder)
-        nn.init.normal_(encoder.level_embed)
         expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1   # Bottleneck vs Basic
-        parts.update(encoder=encoder, encoder_inputs=encoder_inputs, return_layers=("layer3", "layer4"),
-                     input_proj=MultiScaleProjection((256 * expansion, 512 * expansion), dim))
+        stages = ("layer2", "layer3", "layer4") if released else ("layer3", "layer4")
+        channels = {"layer2": 128, "layer3": 256, "layer4": 512}
+        if released:
+            encoder = SMCAConvEncoder(dim, cfg.dim_feedforward, cfg.dropout, cfg.enc_layers, levels,
+                                      cfg.activation)
+            xavier_init(encoder.layers)   # the released _reset_parameters; memory_down keeps
+            nn.init.normal_(encoder.level_embed)   # torch's conv init (made after it), as there
+        else:
+            encoder = SMCAMultiScaleEncoder(dim, heads, cfg.dim_feedforward, cfg.dropout,
+                                            encoder_pattern(cfg.enc_layers), levels, cfg.activation)
+            xavier_init(encoder)
+            nn.init.normal_(encoder.level_embed)
+        parts.update(encoder=encoder, encoder_inputs=encoder_inputs, return_layers=stages,
+                     input_proj=MultiScaleProjection([channels[s] * expansion for s in stages], dim))
     return parts

@@ -17,12 +17,12 @@ SMALL = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_laye
              num_queries=6, num_select=6, backbone_precision="fp32")
 TRACED_HW = (128, 160)
 VARIANTS = {"detr": {}, "conditional": {}, "smca": {}, "smca_multiscale": dict(smca_multiscale=True),
-            "dab": {}, "dn": {}}
+            "smca_ms_released": dict(smca_multiscale=True, smca_ms_form="released"), "dab": {}, "dn": {}}
 
 
 def small_model(name):
     torch.manual_seed(0)
-    variant = "smca" if name == "smca_multiscale" else name
+    variant = "smca" if name.startswith("smca") else name
     model, _, postprocess = minidetr.build(variant, preset="tiny", **SMALL, **VARIANTS[name])
     return model.eval(), postprocess
 

@@ -364,7 +364,7 @@ def test_build_parts_multiscale_end_to_end():
     """build_parts inits scale_head to scale 1, sizes the projection per backbone, and the parts run."""
     cfg = SimpleNamespace(hidden_dim=D, nheads=H, dim_feedforward=FF, dropout=0.0, dec_layers=3,
                           enc_layers=5, num_queries=Q, smooth=8.0, smca_scale="xy",
-                          smca_multiscale=True, activation="relu", backbone="resnet18",
+                          smca_multiscale=True, smca_ms_form="paper", activation="relu", backbone="resnet18",
                           dilation=False, backbone_stage="layer4")
     parts = build_parts(cfg, bbox_embed=None)
     assert set(parts) == {"queries", "decoder", "decoder_inputs", "encoder", "encoder_inputs",
