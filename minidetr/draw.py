@@ -113,6 +113,8 @@ def attention_maps(model, images, mask, kind="attention"):
         if recorded[-1].bias is None:
             raise ValueError(f"{last} adds no bias: only SMCA adds a Gaussian prior")
         weights = recorded[-1].bias.float().exp()
+    if hasattr(model.encoder, "key_levels"):   # the decoder's keys have other levels (SMCA released)
+        grids = model.encoder.key_levels(grids)
     y, x = grids[0]                       # level 0's grid; with several levels its tokens come first
     return outputs, rearrange(weights[..., :y * x], 'b h q (y x) -> b h q y x', y=y, x=x)
 

@@ -253,13 +253,16 @@ class SMCAConvEncoder(nn.Module):
         return torch.cat([rearrange(m, 'b c y x -> b (y x) c') for m in maps], 1)
 
     @staticmethod
-    def memory_layout(pos, pad_mask, spatial_shapes):
-        """The decoder's key layout: (pos, pad_mask, spatial_shapes) with the finest level's
-        entries replaced by the next level's, where its downsampled memory now lives."""
+    def key_levels(levels):
+        """Per-level entries (positions, padding, grid shapes) -> the decoder's: the finest
+        level's replaced by the next level's, where its downsampled memory now lives."""
+        return [levels[1], *levels[1:]]
+
+    def memory_layout(self, pos, pad_mask, spatial_shapes):
+        """The decoder's key layout: (pos [B, N', C], pad_mask [B, N'], spatial_shapes)."""
         sizes = [y * x for y, x in spatial_shapes]
-        pos_l, pad_l = pos.split(sizes, 1), pad_mask.split(sizes, 1)
-        return (torch.cat([pos_l[1], *pos_l[1:]], 1), torch.cat([pad_l[1], *pad_l[1:]], 1),
-                [spatial_shapes[1], *spatial_shapes[1:]])
+        return (torch.cat(self.key_levels(pos.split(sizes, 1)), 1),
+                torch.cat(self.key_levels(pad_mask.split(sizes, 1)), 1), self.key_levels(spatial_shapes))
 
 
 # ---- the decoder ----

@@ -95,6 +95,17 @@ def test_released_form_reads_four_levels_and_gives_the_decoder_the_stride_16_lay
     assert model.decoder.strides == [16, 16, 32, 64]
 
 
+def test_attention_maps_are_drawn_on_the_decoders_first_key_level():
+    """eval.py --attention: the maps of a released-form model lie on the downsampled stride-8
+    level (8 x 6 at 128 x 96), the first of the decoder's keys, and each head's row of weights
+    over that level is part of a softmax (<= 1, >= 0)."""
+    from minidetr import draw
+    model = build(released_cfg())[0].eval()
+    _, maps = draw.attention_maps(model, torch.randn(1, 3, 128, 96), torch.zeros(1, 128, 96, dtype=torch.bool))
+    assert maps.shape[-2:] == (8, 6)
+    assert (maps >= 0).all() and (maps.sum((-2, -1)) <= 1 + 1e-5).all()
+
+
 def test_level_weights_scale_each_levels_log_gaussian():
     torch.manual_seed(0)
     kw = dict(predicts_centre=True, scale="xy", beta=8.0, num_levels=4)
