@@ -5,7 +5,8 @@ a Gaussian-like weight map G around that centre is added, as log G, to the query
 cross-attention ("co-attention") logits, so from the first epoch a query attends near its
 own estimate instead of over the whole image. That prior is what makes training converge
 several times faster. Optionally, the encoder runs over three feature scales and each query
-chooses, with softmax weights, how much to read from each scale.
+chooses, with softmax weights, how much to read from each scale; the paper describes that
+encoder with self-attention, the released code builds it from convolutions (both are here).
 
 Gao, Zheng, Wang, Dai, Li, "Fast Convergence of DETR with Spatially Modulated
 Co-Attention", ICCV 2021, arXiv 2101.07448 (Sec. 3.2 single scale, Sec. 3.3 multi-scale).
@@ -119,7 +120,8 @@ class SMCAMultiScaleEncoder(nn.Module):
     scale's positional encoding so the multi-scale block can tell the scales apart.
 
     Not the released code: its multi-scale encoder mixes scales with depthwise convolutions
-    and no self-attention; we follow the paper's description.
+    and no self-attention (that form is SMCAConvEncoder, --smca_ms_form released); this one
+    follows the paper's description.
     """
 
     def __init__(self, dim, heads, dim_feedforward, dropout, pattern, num_levels=3, activation="relu"):
