@@ -323,7 +323,7 @@ def report(out, names, seeds, chunk, cap, min_steps, results, official=()):
     n_star, target, frontier = detr_state(curves.get(BASELINE, {}), seeds, chunk, min_steps)
     lines = ["## Convergence, to convergence", "",
              f"One configuration for every variant: tiny preset, ResNet-18 to layer2 (stride 8) for all "
-             f"(smca_ms: its multi-scale levels, strides 16/32/64), {QUERIES[BASELINE]} queries for DETR and "
+             f"(smca_ms: its multi-scale levels, strides 16/32/64; smca_ms_released: 8/16/32/64), {QUERIES[BASELINE]} queries for DETR and "
              f"{QUERIES['conditional']} for the others (the papers' 100 : 300), constant learning rate, "
              f"evaluation every {STEPS_PER_EPOCH} steps; seeds {' '.join(map(str, seeds))}. Values: mean over "
              f"seeds (min-max). DETR trains until its mean AP gains < {CONVERGED_GAIN:.0%} over the last "
