@@ -200,6 +200,12 @@ RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "re
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
+def stage_channels(name):
+    """Channels of each stage's map: 64, 128, 256, 512 (x4 for the Bottleneck ResNet-50/101)."""
+    expansion = 4 if name in ("resnet50", "resnet101") else 1
+    return {n: 64 * 2 ** i * expansion for i, n in enumerate(LAYER_NAMES)}
+
+
 def stage_strides(dilation=False):
     """Pixels per cell of each stage's map: 4, 8, 16, 32 (DC5: layer4 stays at 16)."""
     return {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}
@@ -267,9 +273,7 @@ class Backbone(nn.Module):
         for name in LAYER_NAMES[last + 1:]:
             delattr(self.body, name)
 
-        expansion = self.body.layer1[0].expansion
-        channels = {n: 64 * 2 ** i * expansion for i, n in enumerate(LAYER_NAMES)}   # 64..512 (x4)
-        self.num_channels = [channels[n] for n in self.return_layers]
+        self.num_channels = [stage_channels(name)[n] for n in self.return_layers]
         self.strides = [stage_strides(dilation)[n] for n in self.return_layers]
 
         for param_name, param in self.body.named_parameters():

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from minidetr.backbone import stage_strides
+from minidetr.backbone import stage_channels, stage_strides
 from minidetr.transformer import (MLP, Decoder, DecoderLayer, EncoderLayer, FeedForward,
                                   LearnedQueries, MultiheadAttention, xavier_init)
 
@@ -493,9 +493,8 @@ def build_parts(cfg, bbox_embed):
         layer.reset_scale_head()          # then scale 1 at the start
     parts = dict(queries=SMCAQueries(cfg.num_queries, dim), decoder=decoder, decoder_inputs=decoder_inputs)
     if cfg.smca_multiscale:
-        expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1   # Bottleneck vs Basic
         stages = ("layer2", "layer3", "layer4") if released else ("layer3", "layer4")
-        channels = {"layer2": 128, "layer3": 256, "layer4": 512}
+        channels = stage_channels(cfg.backbone)
         if released:
             encoder = SMCAConvEncoder(dim, cfg.dim_feedforward, cfg.dropout, cfg.enc_layers, levels,
                                       cfg.activation)
@@ -507,5 +506,5 @@ def build_parts(cfg, bbox_embed):
             xavier_init(encoder)
             nn.init.normal_(encoder.level_embed)
         parts.update(encoder=encoder, encoder_inputs=encoder_inputs, return_layers=stages,
-                     input_proj=MultiScaleProjection([channels[s] * expansion for s in stages], dim))
+                     input_proj=MultiScaleProjection([channels[s] for s in stages], dim))
     return parts
